@@ -1,0 +1,145 @@
+"""The `qlora` command: `qlora train [hydra overrides]`, `qlora recipes`.
+
+`train` composes and validates the config first (and every point of a `-m` sweep), so a bad key, type,
+option or value is reported as one line with exit status 2 before Hydra creates any folder or anything is
+loaded. Then Hydra runs the job as usual: `--cfg job`, `-m` and every other Hydra flag work.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+USAGE = """usage: qlora <command> [args]
+
+commands:
+  train [overrides]   fine-tune: qlora train recipe=NAME lora.r=32 optim.lr=1e-4 output_dir=runs/a
+                      Hydra flags work: -m (sweep), --cfg job (print config), --help (config groups)
+  recipes             list the recipes with what each is for
+
+Errors are one line each; set QLORA_DEBUG=1 for the traceback.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        return train(rest)
+    if command == "recipes":
+        return recipes()
+    print(f"qlora: unknown command '{command}'; choose one of: train, recipes (qlora --help)", file=sys.stderr)
+    return 2
+
+
+def recipes() -> int:
+    from qlora.composition import recipe_description, recipe_paths
+
+    paths = recipe_paths()
+    width = max(len(name) for name in paths)
+    for name, path in paths.items():
+        print(f"{name:<{width}}  {recipe_description(path)}")
+    return 0
+
+
+def train(args: list[str]) -> int:
+    from qlora.errors import QloraError
+
+    try:
+        extra = _preflight(args)
+    except QloraError as e:
+        return _report(e)
+    return _hydra_train([*args, *extra])
+
+
+def _preflight(args: list[str]) -> list[str]:
+    """Compose and validate every run the arguments describe, and clear the way for the output folder.
+
+    Returns extra Hydra overrides: for a sweep, name each job's folder after the swept keys alone.
+    """
+    from hydra._internal.utils import get_args_parser  # Hydra's own command-line grammar
+
+    from qlora.composition import check_output_dir, compose_config, expand_sweeps, parse_overrides
+    from qlora.config import validate
+
+    parsed = get_args_parser().parse_args(args)
+    if parsed.help or parsed.hydra_help or parsed.info or parsed.shell_completion:
+        return []
+    fixed = [o.key_or_group for o in parse_overrides(parsed.overrides) if not o.is_sweep_override()]
+    runs = expand_sweeps(parsed.overrides) if parsed.multirun else [parsed.overrides]
+    for overrides in runs:
+        config, _ = compose_config(overrides)
+        if parsed.cfg:  # printing the config: types and keys checked above, nothing will run
+            continue
+        validate(config)
+        check_output_dir(config)
+        if config.overwrite and Path(config.output_dir).is_dir():
+            shutil.rmtree(config.output_dir)
+    if not parsed.multirun:
+        return []
+    return [f"hydra.job.config.override_dirname.exclude_keys=[{','.join(['output_dir', 'overwrite', *fixed])}]"]
+
+
+def _hydra_train(args: list[str]) -> int:
+    import hydra
+
+    from qlora.composition import CONFIG_DIR, HYDRA_VERSION_BASE, register
+
+    register()
+    sys.argv = ["qlora train", *args]  # Hydra reads its overrides and flags from sys.argv
+    hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=HYDRA_VERSION_BASE)(_job)()
+    return 0
+
+
+def _job(cfg) -> None:
+    """One Hydra job: the typed config, placed in Hydra's output folder, trained."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from qlora.composition import to_config
+    from qlora.errors import QloraError
+
+    try:
+        config = to_config(cfg)
+        config.output_dir = HydraConfig.get().runtime.output_dir  # a sweep gives each job its own folder
+        _quiet_libraries()
+        from qlora.train import run
+
+        run(config)
+    except QloraError as e:
+        sys.exit(_report(e))
+
+
+def _quiet_libraries() -> None:
+    import os
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Messages that say nothing a qlora user can act on.
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.* is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _report(e: Exception) -> int:
+    import os
+
+    from qlora.errors import QloraError
+
+    if os.environ.get("QLORA_DEBUG"):
+        raise e
+    for line in str(e).splitlines() or [type(e).__name__]:
+        print(f"qlora: {line}", file=sys.stderr)
+    return e.exit_code if isinstance(e, QloraError) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Hydra wiring: where the config groups and recipes live, composing a run's config, one-line errors.
+
+Recipes are Hydra's "experiment" pattern: each `recipes/NAME.yaml` is stored in the ConfigStore as option
+NAME of the `recipe` group at the global package, so it can pick group options (`override /model: ...`)
+and set any key. Command-line overrides still win over everything a recipe says.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf.errors import OmegaConfBaseException
+
+from qlora.config import Config
+from qlora.errors import ConfigError, QloraError
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _asset_dir(name: str) -> Path:
+    # A wheel carries configs/ and recipes/ inside the package; a source checkout has them at the top.
+    for candidate in (_PACKAGE_DIR / name, _PACKAGE_DIR.parent / name):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"qlora installation is incomplete: no {name}/ folder next to {_PACKAGE_DIR}")
+
+
+CONFIG_DIR = _asset_dir("configs")
+RECIPE_DIR = _asset_dir("recipes")
+HYDRA_VERSION_BASE = "1.3"
+
+
+def recipe_paths() -> dict[str, Path]:
+    """Recipe name -> YAML file, sorted by name."""
+    return {p.stem: p for p in sorted(RECIPE_DIR.glob("*.yaml"))}
+
+
+def recipe_description(path: Path) -> str:
+    """The recipe's first comment line: what it is for."""
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("#").strip()
+        if line.strip():
+            break
+    return ""
+
+
+def register() -> None:
+    """Store the schema and every recipe in Hydra's ConfigStore (idempotent)."""
+    store = ConfigStore.instance()
+    store.store(name="qlora_schema", node=Config)
+    for name, path in recipe_paths().items():
+        store.store(group="recipe", name=name, node=OmegaConf.load(path), package="_global_")
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """The composed DictConfig (without its `hydra` node) as the typed, resolved Config."""
+    try:
+        config = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_explain_omegaconf(e)) from e
+    assert isinstance(config, Config)
+    return config
+
+
+@contextmanager
+def _hydra_context() -> Iterator[None]:
+    register()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=HYDRA_VERSION_BASE, job_name="train"):
+        yield
+
+
+def compose_config(overrides: list[str]) -> tuple[Config, DictConfig]:
+    """Compose the run config as `qlora train` would, without running anything.
+
+    Returns the typed Config and the Hydra node (for the run and sweep folders). Raises ConfigError with a
+    one-line explanation for unknown keys, wrong types and unknown group options.
+    """
+    with _hydra_context():
+        try:
+            cfg = compose("config", overrides=overrides, return_hydra_config=True)
+        except (ConfigCompositionException, OverrideParseException, OmegaConfBaseException) as e:
+            raise ConfigError(explain(e)) from e
+        HydraConfig.instance().set_config(cfg)
+        hydra_node = cfg.hydra
+        with read_write(cfg), open_dict(cfg):
+            del cfg["hydra"]
+        return to_config(cfg), hydra_node
+
+
+def parse_overrides(overrides: list[str]) -> list:
+    """Hydra's parse of the overrides; adding keys (`+key=...`) is refused, the schema is fixed."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as e:
+        raise ConfigError(explain(e)) from e
+    for o in parsed:
+        if (o.is_add() or o.is_force_add()) and not o.key_or_group.startswith("hydra"):
+            raise ConfigError(f"'{o.input_line}': the config schema is fixed and '+' cannot add keys; "
+                              f"set an existing key ({o.key_or_group}=...) instead")
+    return parsed
+
+
+def expand_sweeps(overrides: list[str]) -> list[list[str]]:
+    """Override lists that together cover every value of every sweep (`key=a,b,c`) at least once."""
+    parsed = parse_overrides(overrides)
+    sweeps = {i: list(o.sweep_string_iterator()) for i, o in enumerate(parsed) if o.is_sweep_override()}
+    base = [f"{o.get_key_element()}={sweeps[i][0]}" if i in sweeps else o.input_line for i, o in enumerate(parsed)]
+    runs = [base]
+    for i, values in sweeps.items():
+        for value in values[1:]:
+            runs.append([*base[:i], f"{parsed[i].get_key_element()}={value}", *base[i + 1:]])
+    return runs
+
+
+def explain(e: Exception) -> str:
+    """A one-line cause-and-fix message for a Hydra/OmegaConf composition error."""
+    if isinstance(e, MissingConfigException) and e.missing_cfg_file and e.options is not None:
+        group, _, option = e.missing_cfg_file.rpartition("/")
+        return f"unknown {group} '{option}'; choose one of: {', '.join(sorted(e.options))}"
+    cause = e
+    while cause.__cause__ is not None and not isinstance(cause, OmegaConfBaseException):
+        cause = cause.__cause__
+    if isinstance(cause, OmegaConfBaseException):
+        return _explain_omegaconf(cause)
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return first
+
+
+def _explain_omegaconf(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None) or ""
+    message = (getattr(e, "msg", None) or str(e)).strip().splitlines()[0]
+    if message.startswith("Key '") and " not in " in message:
+        parent, _, name = key.rpartition(".")
+        allowed = schema_keys(parent)
+        where = f"'{parent}'" if parent else "the top level"
+        hint = f"; keys in {where}: {', '.join(allowed)}" if allowed else ""
+        return f"unknown config key '{key}'{hint}"
+    if "MissingMandatoryValue" in type(e).__name__ or message.startswith("Missing mandatory value"):
+        return f"{key or message}: value is required but not set; give it on the command line ({key}=...)"
+    return f"{key}: {message}" if key else message
+
+
+def schema_keys(dotted: str) -> list[str]:
+    """Field names of the schema node at a dotted path ('' for the top level); [] if not a node."""
+    node: typing.Any = Config
+    for part in [p for p in dotted.split(".") if p]:
+        fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+        if part not in fields:
+            return []
+        hints = typing.get_type_hints(node)
+        node = next((a for a in typing.get_args(hints[part]) if dataclasses.is_dataclass(a)), hints[part])
+    return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
+
+
+def check_output_dir(config: Config) -> None:
+    """Refuse to start in a folder that already holds something, unless `overwrite=true`."""
+    out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        raise QloraError(f"output_dir {out} is a file; choose a folder path for output_dir")
+    if out.is_dir() and any(out.iterdir()) and not config.overwrite:
+        what = "a finished run" if (out / "adapter").is_dir() else "files"
+        raise QloraError(
+            f"output_dir {out} already holds {what}; choose another output_dir or pass overwrite=true to replace it"
+        )

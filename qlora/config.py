@@ -1,0 +1,267 @@
+"""Typed configuration: one dataclass per Hydra config group, plus the cross-group checks.
+
+The dataclasses are the schema. Hydra merges the YAML files in `configs/` and `recipes/` onto them, so an
+unknown key or a wrong type fails at composition; `validate` then checks what a single field cannot, and
+reports every problem at once. The docstring under each field is its reference documentation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from qlora.errors import ConfigError
+
+
+class QuantMethod(str, Enum):
+    """How the frozen base weights are stored (bitsandbytes)."""
+
+    nf4 = "nf4"
+    fp4 = "fp4"
+    int8 = "int8"
+    none = "none"
+
+
+class DType(str, Enum):
+    auto = "auto"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
+
+class OptimizerName(str, Enum):
+    paged_adamw_8bit = "paged_adamw_8bit"
+    paged_adamw_32bit = "paged_adamw_32bit"
+    paged_lion_8bit = "paged_lion_8bit"
+    adamw_8bit = "adamw_8bit"
+    adamw = "adamw"
+
+
+class Schedule(str, Enum):
+    constant = "constant"
+    linear = "linear"
+    cosine = "cosine"
+
+
+class DataFormat(str, Enum):
+    alpaca = "alpaca"
+    text = "text"
+
+
+class MixedPrecision(str, Enum):
+    auto = "auto"
+    no = "no"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+@dataclass
+class ScratchModelConfig:
+    """A randomly initialised Llama-architecture model, saved as an ordinary HF model folder at `path` the
+    first time `model.name_or_path` points there. Its tokenizer is the offline demo's word-level tokenizer.
+    Used by the offline demo and for speed/memory benchmarks (which do not depend on weights)."""
+
+    path: str = "???"
+    """Folder the model is built in (and then loaded from, like any other model folder)."""
+
+    hidden_size: int = 128
+    """Width of the residual stream."""
+    intermediate_size: int = 256
+    """Width of the MLP."""
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    """Fewer than num_attention_heads gives grouped-query attention, as in Llama 3."""
+    max_position_embeddings: int = 256
+    vocab_size: int | None = None
+    """Embedding rows; None uses the tokenizer's vocabulary size."""
+    seed: int = 0
+    """Seed of the random initialisation (independent of the training seed)."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "???"
+    """A local Hugging Face model folder or a hub model id."""
+    revision: str = "main"
+    """Hub revision (branch, tag or commit); ignored for local folders."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub repository to run; only for architectures transformers lacks."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel passed to transformers: sdpa, eager, or flash_attention_2 where installed."""
+    scratch: ScratchModelConfig | None = None
+    """A random-init model to build when name_or_path is its path and the folder is missing."""
+
+
+@dataclass
+class QuantConfig:
+    method: QuantMethod = QuantMethod.nf4
+    """Storage of the frozen base: nf4 / fp4 (4-bit), int8 (LLM.int8), none (unquantized LoRA baseline)."""
+    double_quant: bool = True
+    """Quantize the per-block absmax constants too (4-bit only): 0.5 -> 0.127 bits per parameter."""
+    compute_dtype: DType = DType.auto
+    """Dtype the 4-bit weights are dequantized to for matmuls, and of unquantized base weights.
+    auto: bfloat16 on a GPU that supports it, else float32."""
+    int8_threshold: float = 6.0
+    """LLM.int8 outlier threshold (int8 only)."""
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    """Rank of the adapter matrices."""
+    alpha: float = 32.0
+    """Scaling numerator: the update is (alpha / r) * B @ A (alpha / sqrt(r) with rslora)."""
+    dropout: float = 0.05
+    """Dropout on the adapter's input."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names to adapt (e.g. [q_proj, v_proj]); all-linear: every linear layer but the output head."""
+    rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023)."""
+    dora: bool = False
+    """Weight-decomposed LoRA (Liu et al. 2024): trains magnitude and direction separately."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Extra modules trained in full and saved with the adapter (e.g. [lm_head, embed_tokens])."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "???"
+    """A local json / jsonl / csv / parquet file, or a hub dataset id."""
+    format: DataFormat = DataFormat.alpaca
+    """alpaca: instruction / input / output records; text: raw text for continued pretraining."""
+    text_field: str = "text"
+    """Column holding the text (format=text)."""
+    split: str = "train"
+    """Split to read from a hub dataset."""
+    eval_fraction: float = 0.05
+    """Share of records held out for eval loss (0 disables eval)."""
+    train_on_prompt: bool = False
+    """Also train on the prompt tokens; by default only the response and its EOS count."""
+    generate_demo: bool = False
+    """Write the project's generated demo dataset to `path` if the file is missing (the offline demo)."""
+
+
+@dataclass
+class OptimConfig:
+    name: OptimizerName = OptimizerName.paged_adamw_8bit
+    """paged_adamw_8bit, paged_adamw_32bit, paged_lion_8bit, adamw_8bit (bitsandbytes), adamw (torch)."""
+    lr: float = 2e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    """AdamW only."""
+    max_grad_norm: float = 0.3
+    """Clip the global gradient norm to this (the QLoRA paper's 0.3); 0 disables clipping."""
+    schedule: Schedule = Schedule.cosine
+    """Learning-rate shape after warmup: constant, linear or cosine decay to 0."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 over this many optimizer steps."""
+    min_8bit_size: int = 4096
+    """bitsandbytes keeps 32-bit state for tensors with fewer elements than this."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    """Optimizer steps to train for."""
+    micro_batch_size: int = 4
+    """Sequences per forward/backward pass."""
+    grad_accum_steps: int = 4
+    """Micro batches per optimizer step."""
+    seq_len: int = 512
+    """Longest sequence in tokens; longer samples are truncated."""
+    eval_every_steps: int = 50
+    """Run the eval loss every N optimizer steps (and at step 0 and the end); 0 disables."""
+    eval_max_batches: int = 50
+    """Upper bound on eval micro batches per evaluation."""
+    log_every_steps: int = 10
+    """Write a metrics row every N optimizer steps."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
+    prepare_kbit: bool = True
+    """peft's k-bit preparation: upcast norms and unquantized weights to float32 for stable training."""
+    mixed_precision: MixedPrecision = MixedPrecision.auto
+    """accelerate autocast: auto is bf16 on a GPU that supports it, else no."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+    sample_prompts: list[str] = field(default_factory=list)
+    """Instructions to answer with greedy decoding at the end of the run (printed and saved)."""
+    max_new_tokens: int = 64
+    """Tokens to generate per sample prompt."""
+    progress: bool = True
+    """Show a progress bar when attached to a terminal."""
+    tensorboard: bool = True
+    """Also log metrics to TensorBoard under output_dir/tb."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = "???"
+    """Run folder: config.yaml, adapter/, tokenizer/, metrics.jsonl, train.log."""
+    seed: int = 42
+    """Seeds python, numpy and torch; also the data shuffle and eval split."""
+    overwrite: bool = False
+    """Replace a run already in output_dir (otherwise such a run is never touched)."""
+    cache_dir: str = "???"
+    """Where generated demo assets (tiny model, dataset) are kept between runs."""
+
+
+def builds_scratch_model(cfg: ModelConfig) -> bool:
+    """Whether the model is (to be) built from `cfg.scratch` rather than loaded as given."""
+    return cfg.scratch is not None and cfg.name_or_path == cfg.scratch.path
+
+
+def validate(cfg: Config) -> None:
+    """Check what no single field can; raise one ConfigError listing every problem found."""
+    problems: list[str] = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    need(cfg.lora.r > 0, f"lora.r must be > 0 (got {cfg.lora.r})")
+    need(cfg.lora.alpha > 0, f"lora.alpha must be > 0 (got {cfg.lora.alpha})")
+    need(0 <= cfg.lora.dropout < 1, f"lora.dropout must be in [0, 1) (got {cfg.lora.dropout})")
+    need(len(cfg.lora.target_modules) > 0, "lora.target_modules is empty; use [all-linear] or module names")
+    need(cfg.optim.lr > 0 and math.isfinite(cfg.optim.lr), f"optim.lr must be > 0 (got {cfg.optim.lr})")
+    need(cfg.optim.weight_decay >= 0, f"optim.weight_decay must be >= 0 (got {cfg.optim.weight_decay})")
+    need(len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas),
+         f"optim.betas must be two numbers in [0, 1) (got {list(cfg.optim.betas)})")
+    need(cfg.optim.max_grad_norm >= 0, f"optim.max_grad_norm must be >= 0 (got {cfg.optim.max_grad_norm})")
+    need(cfg.optim.warmup_steps >= 0, f"optim.warmup_steps must be >= 0 (got {cfg.optim.warmup_steps})")
+    for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "seq_len"):
+        value = getattr(cfg.train, key)
+        need(value > 0, f"train.{key} must be > 0 (got {value})")
+    for key in ("eval_every_steps", "log_every_steps", "num_workers", "max_new_tokens"):
+        value = getattr(cfg.train, key)
+        need(value >= 0, f"train.{key} must be >= 0 (got {value})")
+    need(cfg.train.eval_max_batches > 0, f"train.eval_max_batches must be > 0 (got {cfg.train.eval_max_batches})")
+    need(0 <= cfg.data.eval_fraction < 1, f"data.eval_fraction must be in [0, 1) (got {cfg.data.eval_fraction})")
+    if cfg.quant.double_quant and cfg.quant.method not in (QuantMethod.nf4, QuantMethod.fp4):
+        problems.append(f"quant.double_quant applies to 4-bit methods only (quant.method={cfg.quant.method.value}); "
+                        "set quant.double_quant=false or choose quant=nf4-dq / fp4-dq")
+    if cfg.train.mixed_precision == MixedPrecision.fp16 and cfg.quant.compute_dtype == DType.bfloat16:
+        problems.append("train.mixed_precision=fp16 with quant.compute_dtype=bfloat16 mixes two half types; use bf16")
+    if not builds_scratch_model(cfg.model):
+        local = Path(cfg.model.name_or_path).expanduser()
+        looks_local = cfg.model.name_or_path.startswith((".", "/", "~")) or local.exists()
+        need(not looks_local or (local / "config.json").is_file(),
+             f"model.name_or_path: {cfg.model.name_or_path} is not a model folder (no config.json); "
+             "give a Hugging Face model folder or a hub id")
+    if not cfg.data.generate_demo:
+        local = Path(cfg.data.path).expanduser()
+        looks_local = local.suffix in {".json", ".jsonl", ".csv", ".parquet"} or cfg.data.path.startswith(("/", "."))
+        need(not looks_local or local.is_file(),
+             f"data.path: {cfg.data.path} does not exist; give a json/jsonl/csv/parquet file or a hub dataset id")
+    if problems:
+        raise ConfigError(problems)

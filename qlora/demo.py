@@ -1,0 +1,167 @@
+"""The offline demo's assets: a generated instruction dataset, its word-level tokenizer, and scratch models.
+
+The dataset is a small world of animal facts (what each animal says, eats and where it lives) asked in
+several phrasings. It is generated here, deterministically, so the default recipe needs no network and no
+third-party data, and it is learnable by a tiny model in a minute on a CPU: the answer is a fixed function of
+the animal and the relation, which LoRA on a frozen random base can pick up from the prompt. Held-out records
+ask known facts in phrasings not seen with that animal, so eval loss measures more than memorised strings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+from qlora.config import ScratchModelConfig
+from qlora.errors import QloraError
+
+# animal: (sound, food, home)
+ANIMALS: dict[str, tuple[str, str, str]] = {
+    "cow": ("moo", "grass", "barn"),
+    "dog": ("woof", "bones", "kennel"),
+    "cat": ("meow", "fish", "house"),
+    "duck": ("quack", "bread", "pond"),
+    "sheep": ("baa", "clover", "meadow"),
+    "pig": ("oink", "apples", "sty"),
+    "horse": ("neigh", "hay", "stable"),
+    "lion": ("roar", "meat", "savanna"),
+    "owl": ("hoot", "mice", "tree"),
+    "frog": ("croak", "flies", "swamp"),
+    "bee": ("buzz", "nectar", "hive"),
+    "snake": ("hiss", "eggs", "burrow"),
+    "wolf": ("howl", "deer", "forest"),
+    "mouse": ("squeak", "cheese", "hole"),
+    "crow": ("caw", "seeds", "nest"),
+    "donkey": ("bray", "straw", "field"),
+    "goat": ("bleat", "weeds", "hill"),
+    "monkey": ("chatter", "bananas", "jungle"),
+    "bear": ("growl", "berries", "cave"),
+    "goose": ("honk", "corn", "lake"),
+}
+
+# relation -> (question phrasings, answer template)
+RELATIONS: dict[str, tuple[list[str], str]] = {
+    "sound": (
+        ["What sound does a {a} make?", "What does a {a} say?", "How does a {a} sound?"],
+        "A {a} says {x}.",
+    ),
+    "food": (
+        ["What does a {a} eat?", "What food does a {a} like?", "What is the favorite food of a {a}?"],
+        "A {a} eats {x}.",
+    ),
+    "home": (
+        ["Where does a {a} live?", "Where is the home of a {a}?", "Where can you find a {a}?"],
+        "A {a} lives in a {x}.",
+    ),
+}
+
+SAMPLE_PROMPTS = ["What sound does a cow make?", "Where does a duck live?", "What does a monkey eat?"]
+
+
+def demo_records() -> list[dict[str, str]]:
+    """Every demo record (animal x relation x phrasing) in Alpaca layout, in a fixed order."""
+    records = []
+    for animal, facts in ANIMALS.items():
+        for (questions, answer), fact in zip(RELATIONS.values(), facts):
+            for question in questions:
+                records.append({"instruction": question.format(a=animal), "input": "",
+                                "output": answer.format(a=animal, x=fact)})
+    return records
+
+
+def write_demo_dataset(path: Path) -> None:
+    """Write the demo dataset as JSON Lines (shuffled with a fixed seed), atomically."""
+    records = demo_records()
+    random.Random(0).shuffle(records)
+    _atomic_write(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def build_demo_tokenizer():  # -> transformers.PreTrainedTokenizerFast
+    """A word-level tokenizer over the demo's vocabulary (with the Alpaca template's words)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from qlora.data import alpaca_prompt
+
+    specials = ["<unk>", "<pad>", "<s>", "</s>"]
+    pre = pre_tokenizers.Whitespace()
+    words: set[str] = set()
+    for record in demo_records():
+        text = alpaca_prompt(record["instruction"], record["input"]) + record["output"]
+        words.update(w for w, _ in pre.pre_tokenize_str(text))
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(words))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces, tidies punctuation
+    from tokenizers.processors import TemplateProcessing
+
+    tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+        model_max_length=4096,
+    )
+
+
+def ensure_scratch_model(path: Path, shape: ScratchModelConfig) -> None:
+    """Build a random-init Llama-architecture model with the demo tokenizer at `path`, once.
+
+    An existing folder is reused if it was built from the same shape, and refused otherwise, so a cached
+    model can never silently stand in for a different one.
+    """
+    if path.exists():
+        built = path / "qlora_scratch.json"
+        if not built.is_file() or json.loads(built.read_text()) != _shape_dict(shape):
+            raise QloraError(
+                f"model.scratch.path {path} exists but was not built from this model.scratch shape; "
+                "delete the folder or set model.scratch.path elsewhere"
+            )
+        return
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_demo_tokenizer()
+    config = LlamaConfig(
+        vocab_size=shape.vocab_size or len(tokenizer),
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads,
+        max_position_embeddings=shape.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(shape.seed)
+        model = LlamaForCausalLM(config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    (staging / "qlora_scratch.json").write_text(json.dumps(_shape_dict(shape)))
+    try:
+        os.replace(staging, path)
+    except OSError:  # another process built it meanwhile; theirs is identical (same shape, same seed)
+        shutil.rmtree(staging)
+        if not path.exists():
+            raise
+
+
+def _shape_dict(shape: ScratchModelConfig) -> dict:
+    from dataclasses import asdict
+
+    return {k: v for k, v in asdict(shape).items() if k != "path"}
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

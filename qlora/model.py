@@ -1,0 +1,159 @@
+"""The frozen base: load any causal LM through transformers, quantized by bitsandbytes, and measure it.
+
+bitsandbytes is imported only here and in `qlora.optim`, and only when a model is loaded, so the CLI and
+config composition work on machines without it or without CUDA.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qlora.config import DType, ModelConfig, QuantConfig, QuantMethod
+from qlora.errors import QloraError
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {DType.bfloat16: torch.bfloat16, DType.float16: torch.float16, DType.float32: torch.float32}
+
+
+def compute_dtype(quant: QuantConfig, device: torch.device) -> torch.dtype:
+    """The dtype matmuls run in: the configured one, or for `auto` bfloat16 on a GPU that has it, else float32."""
+    if quant.compute_dtype != DType.auto:
+        return _DTYPES[quant.compute_dtype]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def bnb_config(quant: QuantConfig, dtype: torch.dtype):  # -> transformers.BitsAndBytesConfig | None
+    """transformers' BitsAndBytesConfig for the quant mode, or None for an unquantized base."""
+    from transformers import BitsAndBytesConfig
+
+    if quant.method == QuantMethod.none:
+        return None
+    if quant.method == QuantMethod.int8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=quant.int8_threshold)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.method.value,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=dtype,
+    )
+
+
+def load_tokenizer(cfg: ModelConfig):  # -> transformers.PreTrainedTokenizerBase
+    """The model's tokenizer, with a pad token (EOS when it has none: padding is masked by position)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, revision=cfg.revision,
+                                                  trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise QloraError(_not_loadable("tokenizer", cfg.name_or_path, e)) from e
+    if tokenizer.eos_token_id is None:
+        raise QloraError(f"the tokenizer of {cfg.name_or_path} has no EOS token; the model could not learn to stop "
+                         "(pick a model whose tokenizer defines eos_token)")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(cfg: ModelConfig, quant: QuantConfig, device: torch.device) -> nn.Module:
+    """Load the base model on `device`, quantized per `quant`, with every parameter frozen."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = compute_dtype(quant, device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.name_or_path,
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+            quantization_config=bnb_config(quant, dtype),
+            dtype=dtype,
+            device_map={"": device},
+            attn_implementation=cfg.attn_implementation,
+        )
+    except (OSError, ValueError) as e:  # transformers: OSError for missing files, ValueError for a bad config
+        raise QloraError(_not_loadable("model", cfg.name_or_path, e)) from e
+    model.requires_grad_(False)
+    _keep_training_layout(model)
+    return model
+
+
+def _keep_training_layout(model: nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference behind our back.
+
+    On CPUs with AVX512-BF16, a Linear4bit called in eval mode without grad permanently converts its weight
+    to an inference-only layout (un-nesting double quantization and rounding absmax to bfloat16). After that
+    its matmul has no autograd, so gradients stop flowing through the base and the adapter sees different
+    weights. Evaluation between training steps would trigger it, so keep the layout that trains.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _not_loadable(what: str, name: str, e: Exception) -> str:
+    if Path(name).expanduser().exists():
+        return f"could not load the {what} from {name} ({str(e).splitlines()[0]}); is it a complete HF model folder?"
+    return (f"could not load the {what} '{name}': not a local folder, and the hub could not provide it "
+            f"({str(e).splitlines()[0]}); check the id, your network and HF_TOKEN for gated models")
+
+
+@dataclass
+class QuantReport:
+    """What the frozen base costs: parameters stored quantized, their bits each, and the whole footprint."""
+
+    quantized_params: int
+    quantized_bytes: int
+    other_params: int
+    other_bytes: int
+
+    @property
+    def bits_per_quantized_param(self) -> float:
+        return 8 * self.quantized_bytes / self.quantized_params if self.quantized_params else 0.0
+
+    @property
+    def total_bytes(self) -> int:
+        return self.quantized_bytes + self.other_bytes
+
+
+def quant_report(model: nn.Module) -> QuantReport:
+    """Measure storage from the tensors themselves: packed weights plus every quantization constant."""
+    import bitsandbytes as bnb
+
+    q_params = q_bytes = 0
+    quantized: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            state = module.weight.quant_state
+            q_params += state.shape.numel()
+            q_bytes += _nbytes(module.weight) + _quant_state_bytes(state)
+            quantized.add(id(module.weight))
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            q_params += module.weight.numel()
+            q_bytes += _nbytes(module.weight) + _nbytes(getattr(module.weight, "SCB", None))
+            quantized.add(id(module.weight))
+    others = [p for p in model.parameters() if id(p) not in quantized]
+    others += [b for b in model.buffers()]
+    return QuantReport(q_params, q_bytes, sum(t.numel() for t in others), sum(_nbytes(t) for t in others))
+
+
+def _quant_state_bytes(state) -> int:
+    # Per-block constants only: the 16-entry NF4/FP4 and 256-entry dynamic code books are fixed tables of
+    # the format, not storage that grows with the model (the paper's 4.127 bits leave them out too).
+    total = _nbytes(state.absmax) + _nbytes(getattr(state, "offset", None))
+    if getattr(state, "nested", False) and state.state2 is not None:
+        total += _nbytes(state.state2.absmax)
+    return total
+
+
+def _nbytes(t: torch.Tensor | None) -> int:
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0

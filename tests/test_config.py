@@ -1,0 +1,158 @@
+"""Every recipe and group option composes and validates; bad input fails at composition with one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qlora.composition import CONFIG_DIR, compose_config, expand_sweeps, recipe_description, recipe_paths
+from qlora.config import Config, OptimizerName, QuantMethod, validate
+from qlora.errors import ConfigError
+from tests.conftest import qlora_cli
+
+GROUPS = ["model", "quant", "lora", "data", "optim", "train"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", sorted(recipe_paths()))
+def test_every_recipe_composes(recipe, tmp_path):
+    config, _ = compose_config([f"recipe={recipe}", f"output_dir={tmp_path}/out", f"cache_dir={tmp_path}"])
+    assert isinstance(config, Config)
+    assert isinstance(config.quant.method, QuantMethod)
+    assert recipe_description(recipe_paths()[recipe]), f"recipes/{recipe}.yaml needs a '# description' first line"
+    # Hub-model recipes validate without the network: nothing is loaded at this point.
+    validate(config)
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_group_option_composes(group, option, tmp_path):
+    config, _ = compose_config([f"{group}={option}", f"output_dir={tmp_path}/out", f"cache_dir={tmp_path}"])
+    assert isinstance(config, Config)
+
+
+@pytest.mark.parametrize("option,method,dq", [("nf4", "nf4", False), ("nf4-dq", "nf4", True), ("fp4", "fp4", False),
+                                              ("fp4-dq", "fp4", True), ("int8", "int8", False),
+                                              ("none", "none", False)])
+def test_quant_options_mean_what_they_say(option, method, dq, tmp_path):
+    config, _ = compose_config([f"quant={option}", f"output_dir={tmp_path}"])
+    assert (config.quant.method.value, config.quant.double_quant) == (method, dq)
+
+
+@pytest.mark.parametrize("option", [o.value for o in OptimizerName])
+def test_optim_options_match_the_contract(option, tmp_path):
+    assert options("optim") == sorted(o.value for o in OptimizerName)
+    config, _ = compose_config([f"optim={option}", f"output_dir={tmp_path}"])
+    assert config.optim.name.value == option
+
+
+def test_defaults_follow_the_contract(tmp_path):
+    config, _ = compose_config([f"output_dir={tmp_path}"])
+    assert config.quant.method == QuantMethod.nf4 and config.quant.double_quant
+    assert config.optim.name == OptimizerName.paged_adamw_8bit
+    assert config.optim.max_grad_norm == 0.3
+    assert config.lora.target_modules == ["all-linear"]
+
+
+def test_command_line_beats_recipe(tmp_path):
+    config, _ = compose_config(["lora.r=7", "optim.lr=1e-4", "train.max_steps=3", "quant=fp4", f"output_dir={tmp_path}"])
+    assert (config.lora.r, config.optim.lr, config.train.max_steps, config.quant.method.value) == (7, 1e-4, 3, "fp4")
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("lora.rr=3", "unknown config key 'lora.rr'; keys in 'lora': r, alpha, dropout"),
+    ("quant=nf5", "unknown quant 'nf5'; choose one of: fp4, fp4-dq, int8, nf4, nf4-dq, none"),
+    ("recipe=nope", "unknown recipe 'nope'; choose one of: default"),
+    ("lora.r=abc", "lora.r: Value 'abc' of type 'str' could not be converted to Integer"),
+    ("optim.name=sgd", "optim.name: Invalid value 'sgd', expected one of [paged_adamw_8bit"),
+    ("bogus=1", "unknown config key 'bogus'; keys in the top level: model, quant"),
+])
+def test_bad_overrides_name_the_key_and_the_choices(override, expected, tmp_path):
+    with pytest.raises(ConfigError) as e:
+        compose_config([override, f"output_dir={tmp_path}"])
+    assert len(e.value.problems) == 1
+    assert e.value.problems[0].startswith(expected), e.value.problems[0]
+
+
+def test_validation_reports_every_problem_at_once(tmp_path):
+    config, _ = compose_config(["lora.r=0", "optim.lr=-1", "train.seq_len=0", "quant=int8", "quant.double_quant=true",
+                                f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError) as e:
+        validate(config)
+    text = "\n".join(e.value.problems)
+    assert len(e.value.problems) == 4, text
+    for key in ("lora.r", "optim.lr", "train.seq_len", "quant.double_quant"):
+        assert key in text
+
+
+def test_missing_local_paths_fail_validation(tmp_path):
+    config, _ = compose_config([f"model.name_or_path={tmp_path}/nope", f"data.path={tmp_path}/x.jsonl",
+                                "data.generate_demo=false", f"output_dir={tmp_path}/out"])
+    with pytest.raises(ConfigError) as e:
+        validate(config)
+    assert [p.split(":")[0] for p in e.value.problems] == ["model.name_or_path", "data.path"]
+
+
+def test_sweep_expansion_covers_every_value():
+    runs = expand_sweeps(["lora.r=8,16,32", "optim.lr=1e-4", "seed=1,2"])
+    values = {tuple(r) for r in runs}
+    assert len(runs) == 4
+    for v in ("lora.r=8", "lora.r=16", "lora.r=32", "seed=1", "seed=2"):
+        assert any(v in r for r in values)
+    assert all("optim.lr=1e-4" in r for r in values)
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["train", "lora.rr=3"], "qlora: config error: unknown config key 'lora.rr'"),
+    (["train", "quant=nf5"], "qlora: config error: unknown quant 'nf5'"),
+    (["train", "+foo=1"], "qlora: config error: '+foo=1': the config schema is fixed"),
+    (["train", "-m", "lora.r=8,abc"], "qlora: config error: lora.r: Value 'abc'"),
+    (["train", "lora.r=-1"], "qlora: config error: lora.r must be > 0 (got -1)"),
+    (["frobnicate"], "qlora: unknown command 'frobnicate'"),
+])
+def test_cli_errors_are_one_line_exit_2_and_write_nothing(args, expected, tmp_path):
+    result = qlora_cli(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr
+    assert result.stderr.startswith(expected), result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_refuses_to_touch_a_previous_run(tmp_path):
+    run = tmp_path / "runs" / "a"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_model.safetensors").write_bytes(b"precious")
+    result = qlora_cli("train", f"output_dir={run}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "already holds a finished run" in result.stderr and "overwrite=true" in result.stderr
+    assert sorted(p.name for p in run.iterdir()) == ["adapter"]
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == b"precious"
+
+
+def test_cfg_job_prints_the_config_and_loads_nothing(tmp_path):
+    result = qlora_cli("train", "--cfg", "job", "lora.r=32", f"output_dir={tmp_path}/out", f"cache_dir={tmp_path}/c",
+                       cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "  r: 32" in result.stdout and "method: nf4" in result.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_recipes_lists_each_with_its_description(tmp_path):
+    result = qlora_cli("recipes", cwd=tmp_path)
+    assert result.returncode == 0
+    lines = result.stdout.strip().splitlines()
+    assert [line.split()[0] for line in lines] == sorted(recipe_paths())
+    assert all(len(line.split(maxsplit=1)) == 2 for line in lines)
+
+
+def test_help_works_without_loading_torch(tmp_path):
+    import subprocess
+    import sys
+
+    code = "import sys, qlora.cli; qlora.cli.main(['--help']); qlora.cli.main(['recipes']); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert out.returncode == 0 and out.stdout.strip().endswith("False"), out.stdout + out.stderr
