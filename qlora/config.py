@@ -71,10 +71,13 @@ class ScratchModelConfig:
     intermediate_size: int = 256
     """Width of the MLP."""
     num_hidden_layers: int = 2
+    """Transformer blocks."""
     num_attention_heads: int = 4
+    """Query heads; hidden_size must divide by it."""
     num_key_value_heads: int = 2
     """Fewer than num_attention_heads gives grouped-query attention, as in Llama 3."""
     max_position_embeddings: int = 256
+    """Longest sequence the model supports."""
     vocab_size: int | None = None
     """Embedding rows; None uses the tokenizer's vocabulary size."""
     seed: int = 0
@@ -151,9 +154,11 @@ class OptimConfig:
     lr: float = 2e-4
     """Peak learning rate."""
     weight_decay: float = 0.0
+    """Decoupled weight decay on the adapter weights."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Moment decay rates (beta1, beta2)."""
     eps: float = 1e-8
-    """AdamW only."""
+    """AdamW's denominator epsilon (Lion has none)."""
     max_grad_norm: float = 0.3
     """Clip the global gradient norm to this (the QLoRA paper's 0.3); 0 disables clipping."""
     schedule: Schedule = Schedule.cosine
@@ -207,13 +212,13 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str = "???"
-    """Run folder: config.yaml, adapter/, tokenizer/, metrics.jsonl, train.log."""
+    """Run folder: config.yaml, adapter/, tokenizer/, metrics.jsonl, train.log. Default runs/RECIPE/TIMESTAMP."""
     seed: int = 42
     """Seeds python, numpy and torch; also the data shuffle and eval split."""
     overwrite: bool = False
     """Replace a run already in output_dir (otherwise such a run is never touched)."""
     cache_dir: str = "???"
-    """Where generated demo assets (tiny model, dataset) are kept between runs."""
+    """Where generated demo assets (tiny model, dataset) are kept. Default $QLORA_CACHE, else ~/.cache/qlora."""
 
 
 def builds_scratch_model(cfg: ModelConfig) -> bool:

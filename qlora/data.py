@@ -100,7 +100,9 @@ def _read_json(path: Path) -> list[dict]:
     return records
 
 
-def encode(records: list[dict], cfg: DataConfig, tokenizer, seq_len: int, source: str) -> tuple[list[Example], DataStats]:
+def encode(
+    records: list[dict], cfg: DataConfig, tokenizer, seq_len: int, source: str
+) -> tuple[list[Example], DataStats]:
     """Tokenize records into examples with labels (IGNORE_INDEX where no loss is taken)."""
     if cfg.format == DataFormat.alpaca:
         prompts, responses = [], []
@@ -123,7 +125,7 @@ def encode(records: list[dict], cfg: DataConfig, tokenizer, seq_len: int, source
     prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
     response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
     examples, truncated, dropped = [], 0, 0
-    for p, r in zip(prompt_ids, response_ids):
+    for p, r in zip(prompt_ids, response_ids, strict=True):
         ids = p + r + [eos]
         labels = (list(ids) if cfg.train_on_prompt else [IGNORE_INDEX] * len(p) + r + [eos])
         if cfg.format == DataFormat.text and len(ids) > seq_len:

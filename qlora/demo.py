@@ -66,7 +66,7 @@ def demo_records() -> list[dict[str, str]]:
     """Every demo record (animal x relation x phrasing) in Alpaca layout, in a fixed order."""
     records = []
     for animal, facts in ANIMALS.items():
-        for (questions, answer), fact in zip(RELATIONS.values(), facts):
+        for (questions, answer), fact in zip(RELATIONS.values(), facts, strict=True):
             for question in questions:
                 records.append({"instruction": question.format(a=animal), "input": "",
                                 "output": answer.format(a=animal, x=fact)})

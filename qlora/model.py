@@ -68,6 +68,8 @@ def load_base_model(cfg: ModelConfig, quant: QuantConfig, device: torch.device) 
     from transformers import AutoModelForCausalLM
 
     dtype = compute_dtype(quant, device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # bitsandbytes places weights per index
     try:
         model = AutoModelForCausalLM.from_pretrained(
             cfg.name_or_path,

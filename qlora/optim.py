@@ -25,7 +25,9 @@ def is_paged(name: OptimizerName) -> bool:
     return name.value.startswith("paged_")
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(
+    params: Iterable[torch.nn.Parameter], cfg: OptimConfig, device: torch.device
+) -> torch.optim.Optimizer:
     """The configured optimizer over `params` (the trainable LoRA parameters)."""
     params = list(params)
     betas = (cfg.betas[0], cfg.betas[1])

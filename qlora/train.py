@@ -132,7 +132,8 @@ def run(config: Config) -> RunResult:
         metrics.close()
 
     after = generate(model, tokenizer, prompts, config.train.max_new_tokens, device)
-    samples = [{"prompt": p, "before": b, "after": a} for p, b, a in zip(config.train.sample_prompts, before, after)]
+    samples = [{"prompt": p, "before": b, "after": a}
+               for p, b, a in zip(config.train.sample_prompts, before, after, strict=True)]
     if accelerator.is_main_process:
         _save_atomic(out / "adapter", accelerator.unwrap_model(model).save_pretrained)
         _save_atomic(out / "tokenizer", tokenizer.save_pretrained)

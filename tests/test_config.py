@@ -58,7 +58,8 @@ def test_defaults_follow_the_contract(tmp_path):
 
 
 def test_command_line_beats_recipe(tmp_path):
-    config, _ = compose_config(["lora.r=7", "optim.lr=1e-4", "train.max_steps=3", "quant=fp4", f"output_dir={tmp_path}"])
+    overrides = ["lora.r=7", "optim.lr=1e-4", "train.max_steps=3", "quant=fp4", f"output_dir={tmp_path}"]
+    config, _ = compose_config(overrides)
     assert (config.lora.r, config.optim.lr, config.train.max_steps, config.quant.method.value) == (7, 1e-4, 3, "fp4")
 
 
@@ -153,6 +154,17 @@ def test_help_works_without_loading_torch(tmp_path):
     import subprocess
     import sys
 
-    code = "import sys, qlora.cli; qlora.cli.main(['--help']); qlora.cli.main(['recipes']); print('torch' in sys.modules)"
+    code = ("import sys, qlora.cli; qlora.cli.main(['--help']); qlora.cli.main(['recipes']); "
+            "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert out.returncode == 0 and out.stdout.strip().endswith("False"), out.stdout + out.stderr
+
+
+def test_config_reference_is_current():
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    check = subprocess.run([sys.executable, "scripts/config_reference.py", "--check"], cwd=root, capture_output=True,
+                           text=True)
+    assert check.returncode == 0, check.stderr

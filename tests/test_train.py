@@ -164,6 +164,6 @@ def test_cli_multirun_gives_each_run_its_own_folder(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sorted(p for p in out.iterdir() if p.is_dir())
     assert [p.name.split(",")[0] for p in runs] == ["0_lora.r=4", "1_lora.r=8"]
-    for p, r in zip(runs, (4, 8)):
+    for p, r in zip(runs, (4, 8), strict=True):
         assert json.loads((p / "adapter" / "adapter_config.json").read_text())["r"] == r
         assert OmegaConf.load(p / "config.yaml").output_dir == str(p)
