@@ -161,7 +161,8 @@ def train_loop(model, optimizer, scheduler, train_loader, eval_loader, accelerat
     evaluate_now = eval_loader is not None and cfg.eval_every_steps > 0
     first_eval = final_eval = None
     if evaluate_now:
-        first_eval = final_eval = evaluate(model, eval_loader, cfg.eval_max_batches)
+        with accelerator.autocast():
+            first_eval = final_eval = evaluate(model, eval_loader, cfg.eval_max_batches)
         metrics.write({"step": 0, "eval_loss": first_eval})
     progress = _progress_bar(cfg, accelerator)
     window_start, window_tokens = time.perf_counter(), 0
@@ -203,7 +204,8 @@ def train_loop(model, optimizer, scheduler, train_loader, eval_loader, accelerat
             progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
             window_start, window_tokens = time.perf_counter(), 0
         if evaluate_now and (state.step % cfg.eval_every_steps == 0 or last):
-            final_eval = evaluate(model, eval_loader, cfg.eval_max_batches)
+            with accelerator.autocast():
+                final_eval = evaluate(model, eval_loader, cfg.eval_max_batches)
             metrics.write({"step": state.step, "eval_loss": final_eval})
             progress.write(f"step {state.step}: eval loss {final_eval:.4f}")
             window_start = time.perf_counter()  # eval time is not training throughput
