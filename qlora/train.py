@@ -172,6 +172,7 @@ def train_loop(model, optimizer, scheduler, train_loader, eval_loader, accelerat
         # the step's trained tokens (a plain mean of micro-batch means over-weights short sequences).
         micro = [next(batches) for _ in range(cfg.grad_accum_steps)]
         n_trained = sum(int((b["labels"][:, 1:] != qdata.IGNORE_INDEX).sum()) for b in micro)
+        n_seen = sum(int(b["attention_mask"].sum()) for b in micro)
         loss_sum = torch.zeros((), device=accelerator.device)
         for i, batch in enumerate(micro):
             sync = i == len(micro) - 1
@@ -180,7 +181,6 @@ def train_loop(model, optimizer, scheduler, train_loader, eval_loader, accelerat
                 loss = token_loss_sum(logits, batch["labels"])
                 accelerator.backward(loss / max(n_trained, 1))
             loss_sum += loss.detach()
-            window_tokens += int(batch["attention_mask"].sum())
         grad_norm = accelerator.clip_grad_norm_(trainable, config.optim.max_grad_norm) \
             if config.optim.max_grad_norm > 0 else None
         optimizer.step()
@@ -188,7 +188,8 @@ def train_loop(model, optimizer, scheduler, train_loader, eval_loader, accelerat
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.tokens_trained += n_trained
-        state.tokens_seen += sum(int(b["attention_mask"].sum()) for b in micro)
+        state.tokens_seen += n_seen
+        window_tokens += n_seen
 
         last = state.step == cfg.max_steps
         if cfg.log_every_steps and (state.step % cfg.log_every_steps == 0 or last or state.step == 1):
