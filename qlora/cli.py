@@ -70,10 +70,11 @@ def _preflight(args: list[str]) -> list[str]:
     parsed = get_args_parser().parse_args(args)
     if parsed.help or parsed.hydra_help or parsed.info or parsed.shell_completion:
         return []
-    fixed = [o.key_or_group for o in parse_overrides(parsed.overrides) if not o.is_sweep_override()]
-    runs = expand_sweeps(parsed.overrides) if parsed.multirun else [parsed.overrides]
-    for overrides in runs:
-        config, _ = compose_config(overrides)
+    overrides = parse_overrides(parsed.overrides)
+    fixed = [o.key_or_group for o in overrides if not o.is_sweep_override()]
+    runs = expand_sweeps(overrides) if parsed.multirun else [parsed.overrides]
+    for run in runs:
+        config = compose_config(run)
         if parsed.cfg:  # printing the config: types and keys checked above, nothing will run
             continue
         validate(config)

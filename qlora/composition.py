@@ -80,22 +80,20 @@ def _hydra_context() -> Iterator[None]:
         yield
 
 
-def compose_config(overrides: list[str]) -> tuple[Config, DictConfig]:
-    """Compose the run config as `qlora train` would, without running anything.
+def compose_config(overrides: list[str]) -> Config:
+    """Compose the typed run config as `qlora train` would, without running anything.
 
-    Returns the typed Config and the Hydra node (for the run and sweep folders). Raises ConfigError with a
-    one-line explanation for unknown keys, wrong types and unknown group options.
+    Raises ConfigError with a one-line explanation for unknown keys, wrong types and unknown group options.
     """
     with _hydra_context():
         try:
             cfg = compose("config", overrides=overrides, return_hydra_config=True)
         except (ConfigCompositionException, OverrideParseException, OmegaConfBaseException) as e:
             raise ConfigError(explain(e)) from e
-        HydraConfig.instance().set_config(cfg)
-        hydra_node = cfg.hydra
+        HydraConfig.instance().set_config(cfg)  # resolves ${hydra:...} in output_dir
         with read_write(cfg), open_dict(cfg):
             del cfg["hydra"]
-        return to_config(cfg), hydra_node
+        return to_config(cfg)
 
 
 def parse_overrides(overrides: list[str]) -> list:
@@ -111,9 +109,11 @@ def parse_overrides(overrides: list[str]) -> list:
     return parsed
 
 
-def expand_sweeps(overrides: list[str]) -> list[list[str]]:
-    """Override lists that together cover every value of every sweep (`key=a,b,c`) at least once."""
-    parsed = parse_overrides(overrides)
+def expand_sweeps(parsed: list) -> list[list[str]]:
+    """Override lists that together cover every value of every sweep (`key=a,b,c`) at least once.
+
+    `parsed` is what `parse_overrides` returns.
+    """
     sweeps = {i: list(o.sweep_string_iterator()) for i, o in enumerate(parsed) if o.is_sweep_override()}
     base = [f"{o.get_key_element()}={sweeps[i][0]}" if i in sweeps else o.input_line for i, o in enumerate(parsed)]
     runs = [base]

@@ -37,7 +37,7 @@ def tiny_config(cache_dir, tmp_path):
 
     def make(*overrides: str, output_dir: Path | None = None):
         out = output_dir or tmp_path / "run"
-        config, _ = compose_config([f"cache_dir={cache_dir}", f"model.scratch.path={cache_dir}/tiny128", *TINY,
+        config = compose_config([f"cache_dir={cache_dir}", f"model.scratch.path={cache_dir}/tiny128", *TINY,
                                     f"output_dir={out}", *overrides])
         return config
 

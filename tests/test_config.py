@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from qlora.composition import CONFIG_DIR, compose_config, expand_sweeps, recipe_description, recipe_paths
+from qlora.composition import (
+    CONFIG_DIR,
+    compose_config,
+    expand_sweeps,
+    parse_overrides,
+    recipe_description,
+    recipe_paths,
+)
 from qlora.config import Config, OptimizerName, QuantMethod, validate
 from qlora.errors import ConfigError
 from tests.conftest import qlora_cli
@@ -20,7 +27,7 @@ def options(group: str) -> list[str]:
 
 @pytest.mark.parametrize("recipe", sorted(recipe_paths()))
 def test_every_recipe_composes(recipe, tmp_path):
-    config, _ = compose_config([f"recipe={recipe}", f"output_dir={tmp_path}/out", f"cache_dir={tmp_path}"])
+    config = compose_config([f"recipe={recipe}", f"output_dir={tmp_path}/out", f"cache_dir={tmp_path}"])
     assert isinstance(config, Config)
     assert isinstance(config.quant.method, QuantMethod)
     assert recipe_description(recipe_paths()[recipe]), f"recipes/{recipe}.yaml needs a '# description' first line"
@@ -30,7 +37,7 @@ def test_every_recipe_composes(recipe, tmp_path):
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_group_option_composes(group, option, tmp_path):
-    config, _ = compose_config([f"{group}={option}", f"output_dir={tmp_path}/out", f"cache_dir={tmp_path}"])
+    config = compose_config([f"{group}={option}", f"output_dir={tmp_path}/out", f"cache_dir={tmp_path}"])
     assert isinstance(config, Config)
 
 
@@ -38,19 +45,19 @@ def test_every_group_option_composes(group, option, tmp_path):
                                               ("fp4-dq", "fp4", True), ("int8", "int8", False),
                                               ("none", "none", False)])
 def test_quant_options_mean_what_they_say(option, method, dq, tmp_path):
-    config, _ = compose_config([f"quant={option}", f"output_dir={tmp_path}"])
+    config = compose_config([f"quant={option}", f"output_dir={tmp_path}"])
     assert (config.quant.method.value, config.quant.double_quant) == (method, dq)
 
 
 @pytest.mark.parametrize("option", [o.value for o in OptimizerName])
 def test_optim_options_match_the_contract(option, tmp_path):
     assert options("optim") == sorted(o.value for o in OptimizerName)
-    config, _ = compose_config([f"optim={option}", f"output_dir={tmp_path}"])
+    config = compose_config([f"optim={option}", f"output_dir={tmp_path}"])
     assert config.optim.name.value == option
 
 
 def test_defaults_follow_the_contract(tmp_path):
-    config, _ = compose_config([f"output_dir={tmp_path}"])
+    config = compose_config([f"output_dir={tmp_path}"])
     assert config.quant.method == QuantMethod.nf4 and config.quant.double_quant
     assert config.optim.name == OptimizerName.paged_adamw_8bit
     assert config.optim.max_grad_norm == 0.3
@@ -59,7 +66,7 @@ def test_defaults_follow_the_contract(tmp_path):
 
 def test_command_line_beats_recipe(tmp_path):
     overrides = ["lora.r=7", "optim.lr=1e-4", "train.max_steps=3", "quant=fp4", f"output_dir={tmp_path}"]
-    config, _ = compose_config(overrides)
+    config = compose_config(overrides)
     assert (config.lora.r, config.optim.lr, config.train.max_steps, config.quant.method.value) == (7, 1e-4, 3, "fp4")
 
 
@@ -79,7 +86,7 @@ def test_bad_overrides_name_the_key_and_the_choices(override, expected, tmp_path
 
 
 def test_validation_reports_every_problem_at_once(tmp_path):
-    config, _ = compose_config(["lora.r=0", "optim.lr=-1", "train.seq_len=0", "quant=int8", "quant.double_quant=true",
+    config = compose_config(["lora.r=0", "optim.lr=-1", "train.seq_len=0", "quant=int8", "quant.double_quant=true",
                                 f"output_dir={tmp_path}"])
     with pytest.raises(ConfigError) as e:
         validate(config)
@@ -90,7 +97,7 @@ def test_validation_reports_every_problem_at_once(tmp_path):
 
 
 def test_missing_local_paths_fail_validation(tmp_path):
-    config, _ = compose_config([f"model.name_or_path={tmp_path}/nope", f"data.path={tmp_path}/x.jsonl",
+    config = compose_config([f"model.name_or_path={tmp_path}/nope", f"data.path={tmp_path}/x.jsonl",
                                 "data.generate_demo=false", f"output_dir={tmp_path}/out"])
     with pytest.raises(ConfigError) as e:
         validate(config)
@@ -98,7 +105,7 @@ def test_missing_local_paths_fail_validation(tmp_path):
 
 
 def test_sweep_expansion_covers_every_value():
-    runs = expand_sweeps(["lora.r=8,16,32", "optim.lr=1e-4", "seed=1,2"])
+    runs = expand_sweeps(parse_overrides(["lora.r=8,16,32", "optim.lr=1e-4", "seed=1,2"]))
     values = {tuple(r) for r in runs}
     assert len(runs) == 4
     for v in ("lora.r=8", "lora.r=16", "lora.r=32", "seed=1", "seed=2"):

@@ -20,7 +20,7 @@ STEPS = 40
 
 
 def compose(cache: Path, out: Path, *overrides: str):
-    config, _ = compose_config([f"cache_dir={cache}", f"model.scratch.path={cache}/tiny128", *TINY,
+    config = compose_config([f"cache_dir={cache}", f"model.scratch.path={cache}/tiny128", *TINY,
                                 f"output_dir={out}", *overrides])
     return config
 
