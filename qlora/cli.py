@@ -1,4 +1,4 @@
-"""The `qlora` command: `qlora train [hydra overrides]`, `qlora recipes`.
+"""The `qlora` command: `qlora train [hydra overrides]`, `qlora data preview`, `qlora recipes`.
 
 `train` composes and validates the config first (and every point of a `-m` sweep), so a bad key, type,
 option or value is reported as one line with exit status 2 before Hydra creates any folder or anything is
@@ -17,6 +17,9 @@ USAGE = """usage: qlora <command> [args]
 commands:
   train [overrides]   fine-tune: qlora train recipe=NAME lora.r=32 optim.lr=1e-4 output_dir=runs/a
                       Hydra flags work: -m (sweep), --cfg job (print config), --help (config groups)
+  data preview [--samples N] [overrides]
+                      show samples as trained (trained tokens marked), lengths, counts and padding,
+                      without loading the model: qlora data preview recipe=NAME
   recipes             list the recipes with what each is for
 
 Errors are one line each; set QLORA_DEBUG=1 for the traceback.
@@ -33,7 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         return train(rest)
     if command == "recipes":
         return recipes()
-    print(f"qlora: unknown command '{command}'; choose one of: train, recipes (qlora --help)", file=sys.stderr)
+    if command == "data" and rest[:1] == ["preview"]:
+        return data_preview(rest[1:])
+    print(f"qlora: unknown command '{' '.join(argv[:2])}'; choose one of: train, data preview, recipes "
+          "(qlora --help)", file=sys.stderr)
     return 2
 
 
@@ -44,6 +50,43 @@ def recipes() -> int:
     width = max(len(name) for name in paths)
     for name, path in paths.items():
         print(f"{name:<{width}}  {recipe_description(path)}")
+    return 0
+
+
+def data_preview(args: list[str]) -> int:
+    import argparse
+
+    from qlora.errors import QloraError
+
+    parser = argparse.ArgumentParser(prog="qlora data preview")
+    parser.add_argument("--samples", type=int, default=3, help="samples to show (default 3)")
+    parser.add_argument("overrides", nargs="*", help="config overrides, as for qlora train")
+    options = parser.parse_intermixed_args(args)
+    try:
+        from qlora.composition import compose_config, parse_overrides
+        from qlora.config import validate
+
+        parse_overrides(options.overrides)
+        config = compose_config(options.overrides)
+        validate(config)
+        _quiet_libraries()
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        from qlora import data, demo
+        from qlora.data.preview import preview
+        from qlora.model import load_tokenizer
+
+        demo.prepare_assets(config.model, config.data)
+        tokenizer = load_tokenizer(config.model)
+        data.use_chat_template(config.data, tokenizer)
+        tokenized = data.load(config.data, tokenizer, config.train.seq_len, config.seed,
+                              Path(config.cache_dir).expanduser())
+        preview(config, tokenizer, tokenized, options.samples)
+    except QloraError as e:
+        return _report(e)
+    except BrokenPipeError:  # the reader stopped early (`| head`): not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
@@ -128,6 +171,9 @@ def _quiet_libraries() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    import datasets
+
+    datasets.disable_progress_bars()
 
 
 def _report(e: Exception) -> int:

@@ -47,7 +47,28 @@ class Schedule(str, Enum):
 
 class DataFormat(str, Enum):
     alpaca = "alpaca"
+    chat = "chat"
     text = "text"
+
+
+class Overlong(str, Enum):
+    """What happens to a sample longer than train.seq_len (alpaca and chat formats)."""
+
+    truncate = "truncate"
+    drop = "drop"
+    error = "error"
+
+
+class OnInvalid(str, Enum):
+    """What happens to a record with a missing or empty field, or nothing to train."""
+
+    error = "error"
+    skip = "skip"
+
+
+class ScratchTokenizer(str, Enum):
+    demo = "demo"
+    bpe = "bpe"
 
 
 class MixedPrecision(str, Enum):
@@ -60,11 +81,17 @@ class MixedPrecision(str, Enum):
 @dataclass
 class ScratchModelConfig:
     """A randomly initialised Llama-architecture model, saved as an ordinary HF model folder at `path` the
-    first time `model.name_or_path` points there. Its tokenizer is the offline demo's word-level tokenizer.
-    Used by the offline demo and for speed/memory benchmarks (which do not depend on weights)."""
+    first time `model.name_or_path` points there, with a tokenizer built alongside it. Used by the offline
+    demo, by CPU-sized recipes, and for speed/memory benchmarks (which do not depend on weights)."""
 
     path: str = "???"
     """Folder the model is built in (and then loaded from, like any other model folder)."""
+    tokenizer: ScratchTokenizer = ScratchTokenizer.demo
+    """demo: the offline demo's word-level tokenizer; bpe: a byte-level BPE trained on tokenizer_corpus."""
+    tokenizer_corpus: str | None = None
+    """Data file (json / jsonl / csv / parquet) whose text trains the bpe tokenizer."""
+    tokenizer_vocab_size: int = 4096
+    """Vocabulary size of the bpe tokenizer, special tokens included."""
 
     hidden_size: int = 128
     """Width of the residual stream."""
@@ -130,19 +157,74 @@ class LoraConfig:
 
 
 @dataclass
+class ColumnsConfig:
+    """Which record fields hold what, for datasets whose field names differ from the usual layouts."""
+
+    instruction: str = "instruction"
+    """alpaca: the task."""
+    input: str = "input"
+    """alpaca: optional context for the task (may be missing or empty)."""
+    output: str = "output"
+    """alpaca: the response that is trained."""
+    text: str = "text"
+    """text: the document."""
+    messages: str | None = None
+    """chat: the list of messages; None: `messages` (OpenAI layout) or `conversations` (ShareGPT), whichever
+    the record has."""
+    role: str | None = None
+    """chat: the message field naming the speaker; None: `role` (OpenAI) or `from` (ShareGPT)."""
+    content: str | None = None
+    """chat: the message field holding the text; None: `content` (OpenAI) or `value` (ShareGPT)."""
+
+
+@dataclass
+class RolesConfig:
+    """Speaker names in the data, by the role they play in the chat template."""
+
+    system: list[str] = field(default_factory=lambda: ["system"])
+    """Names of the system role."""
+    user: list[str] = field(default_factory=lambda: ["user", "human"])
+    """Names of the user role (never trained)."""
+    assistant: list[str] = field(default_factory=lambda: ["assistant", "gpt"])
+    """Names of the assistant role (every assistant turn is trained)."""
+
+
+@dataclass
 class DataConfig:
     path: str = "???"
     """A local json / jsonl / csv / parquet file, or a hub dataset id."""
     format: DataFormat = DataFormat.alpaca
-    """alpaca: instruction / input / output records; text: raw text for continued pretraining."""
-    text_field: str = "text"
-    """Column holding the text (format=text)."""
+    """alpaca: instruction / input / output records; chat: conversations (OpenAI or ShareGPT layout) rendered
+    with a chat template; text: raw text for continued pretraining."""
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    """Field names of the records."""
+    roles: RolesConfig = field(default_factory=RolesConfig)
+    """chat: which speaker names mean system, user and assistant."""
+    chat_template: str | None = None
+    """chat: None uses the tokenizer's own template; chatml or llama3 name a built-in one; anything else is
+    taken as a Jinja template. The template used is saved with the run's tokenizer."""
     split: str = "train"
     """Split to read from a hub dataset."""
+    eval_path: str | None = None
+    """A separate eval file (same format); when set, eval_fraction is not used."""
     eval_fraction: float = 0.05
-    """Share of records held out for eval loss (0 disables eval)."""
+    """Share of records held out for eval loss (0 disables eval); split by record, seeded by `seed`."""
     train_on_prompt: bool = False
-    """Also train on the prompt tokens; by default only the response and its EOS count."""
+    """Also train on the prompt / user tokens; by default only responses (and their EOS) count."""
+    overlong: Overlong = Overlong.truncate
+    """alpaca / chat samples longer than train.seq_len: truncate, drop, or error. Text documents are split
+    into seq_len windows instead."""
+    on_invalid: OnInvalid = OnInvalid.error
+    """A record with a missing or empty field or nothing to train: error (stop, naming every such record) or
+    skip (leave it out, counted and named in the log)."""
+    packing: bool = False
+    """Pack several samples into each sequence (no padding waste); position ids restart per sample and
+    attention never crosses samples."""
+    group_by_length: bool = True
+    """Without packing: batch samples of similar length together (less padding), in a seeded random order."""
+    cache: bool = True
+    """Keep tokenized data under cache_dir/tokenized, keyed on the data file, tokenizer, template and these
+    settings, so a second run starts immediately."""
     generate_demo: bool = False
     """Write the project's generated demo dataset to `path` if the file is missing (the offline demo)."""
 
@@ -252,6 +334,23 @@ def validate(cfg: Config) -> None:
         need(value >= 0, f"train.{key} must be >= 0 (got {value})")
     need(cfg.train.eval_max_batches > 0, f"train.eval_max_batches must be > 0 (got {cfg.train.eval_max_batches})")
     need(0 <= cfg.data.eval_fraction < 1, f"data.eval_fraction must be in [0, 1) (got {cfg.data.eval_fraction})")
+    for role, names in vars(cfg.data.roles).items():
+        need(len(names) > 0, f"data.roles.{role} is empty; give at least one speaker name")
+    template = cfg.data.chat_template
+    if template is not None and not ("{{" in template or "{%" in template):
+        from qlora.data.formats import CHAT_TEMPLATES
+
+        need(template in CHAT_TEMPLATES, f"data.chat_template={template} is neither a built-in template "
+             f"({', '.join(CHAT_TEMPLATES)}) nor a Jinja template")
+    if cfg.data.format == DataFormat.text and cfg.data.train_on_prompt:
+        problems.append("data.train_on_prompt applies to alpaca and chat data; text data is trained on every token")
+    scratch = cfg.model.scratch
+    if builds_scratch_model(cfg.model) and scratch.tokenizer == ScratchTokenizer.bpe:
+        corpus = scratch.tokenizer_corpus
+        need(corpus is not None and Path(corpus).expanduser().is_file(),
+             f"model.scratch.tokenizer_corpus: {corpus} is not a file; the bpe tokenizer is trained on it")
+        need(scratch.tokenizer_vocab_size >= 300, "model.scratch.tokenizer_vocab_size must be >= 300 "
+             f"(256 bytes plus special tokens; got {scratch.tokenizer_vocab_size})")
     if cfg.quant.double_quant and cfg.quant.method not in (QuantMethod.nf4, QuantMethod.fp4):
         problems.append(f"quant.double_quant applies to 4-bit methods only (quant.method={cfg.quant.method.value}); "
                         "set quant.double_quant=false or choose quant=nf4-dq / fp4-dq")
@@ -263,10 +362,13 @@ def validate(cfg: Config) -> None:
         need(not looks_local or (local / "config.json").is_file(),
              f"model.name_or_path: {cfg.model.name_or_path} is not a model folder (no config.json); "
              "give a Hugging Face model folder or a hub id")
-    if not cfg.data.generate_demo:
-        local = Path(cfg.data.path).expanduser()
-        looks_local = local.suffix in {".json", ".jsonl", ".csv", ".parquet"} or cfg.data.path.startswith(("/", "."))
+    data_files = [("data.path", cfg.data.path)] if not cfg.data.generate_demo else []
+    if cfg.data.eval_path is not None:
+        data_files.append(("data.eval_path", cfg.data.eval_path))
+    for key, path in data_files:
+        local = Path(path).expanduser()
+        looks_local = local.suffix in {".json", ".jsonl", ".csv", ".parquet"} or path.startswith(("/", "."))
         need(not looks_local or local.is_file(),
-             f"data.path: {cfg.data.path} does not exist; give a json/jsonl/csv/parquet file or a hub dataset id")
+             f"{key}: {path} does not exist; give a json/jsonl/csv/parquet file or a hub dataset id")
     if problems:
         raise ConfigError(problems)

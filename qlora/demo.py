@@ -1,4 +1,5 @@
-"""The offline demo's assets: a generated instruction dataset, its word-level tokenizer, and scratch models.
+"""The offline demo's assets: a generated instruction dataset, its word-level tokenizer, and scratch models
+(with that tokenizer, or a byte-level BPE trained on a data file).
 
 The dataset is a small world of animal facts (what each animal says, eats and where it lives) asked in
 several phrasings. It is generated here, deterministically, so the default recipe needs no network and no
@@ -16,7 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from qlora.config import ScratchModelConfig
+from qlora.config import DataConfig, ModelConfig, ScratchModelConfig, ScratchTokenizer, builds_scratch_model
 from qlora.errors import QloraError
 
 # animal: (sound, food, home)
@@ -60,6 +61,15 @@ RELATIONS: dict[str, tuple[list[str], str]] = {
 }
 
 SAMPLE_PROMPTS = ["What sound does a cow make?", "Where does a duck live?", "What does a monkey eat?"]
+
+
+def prepare_assets(model: ModelConfig, data: DataConfig) -> None:
+    """Build what the config asks to be generated and is not there yet: a scratch model, the demo dataset."""
+    data_path = Path(data.path).expanduser()
+    if data.generate_demo and not data_path.exists():
+        write_demo_dataset(data_path)
+    if builds_scratch_model(model):
+        ensure_scratch_model(Path(model.name_or_path).expanduser(), model.scratch)
 
 
 def demo_records() -> list[dict[str, str]]:
@@ -106,8 +116,43 @@ def build_demo_tokenizer():  # -> transformers.PreTrainedTokenizerFast
     )
 
 
+def build_bpe_tokenizer(corpus: str, vocab_size: int):  # -> transformers.PreTrainedTokenizerFast
+    """A byte-level BPE tokenizer trained on every string in the records of the data file `corpus`.
+
+    Its special tokens are <s>, </s>, <pad> and ChatML's <|im_start|> / <|im_end|>, and it carries the
+    ChatML chat template, so every data format works with it.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    from qlora.data import CHAT_TEMPLATES, read_source
+
+    specials = ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_strings(read_source(corpus, "train").rows), trainer=trainer)
+    tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   model_max_length=1 << 20, chat_template=CHAT_TEMPLATES["chatml"])
+
+
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
 def ensure_scratch_model(path: Path, shape: ScratchModelConfig) -> None:
-    """Build a random-init Llama-architecture model with the demo tokenizer at `path`, once.
+    """Build a random-init Llama-architecture model and its tokenizer at `path`, once.
 
     An existing folder is reused if it was built from the same shape, and refused otherwise, so a cached
     model can never silently stand in for a different one.
@@ -123,7 +168,10 @@ def ensure_scratch_model(path: Path, shape: ScratchModelConfig) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = build_demo_tokenizer()
+    if shape.tokenizer == ScratchTokenizer.bpe:
+        tokenizer = build_bpe_tokenizer(shape.tokenizer_corpus, shape.tokenizer_vocab_size)
+    else:
+        tokenizer = build_demo_tokenizer()
     config = LlamaConfig(
         vocab_size=shape.vocab_size or len(tokenizer),
         hidden_size=shape.hidden_size,
@@ -156,7 +204,11 @@ def ensure_scratch_model(path: Path, shape: ScratchModelConfig) -> None:
 def _shape_dict(shape: ScratchModelConfig) -> dict:
     from dataclasses import asdict
 
-    return {k: v for k, v in asdict(shape).items() if k != "path"}
+    shape_dict = {k: v for k, v in asdict(shape).items() if k != "path"}
+    if shape.tokenizer == ScratchTokenizer.demo:  # the bpe settings do not apply (and older builds lack them)
+        for key in ("tokenizer", "tokenizer_corpus", "tokenizer_vocab_size"):
+            del shape_dict[key]
+    return shape_dict
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from qlora import data as qdata
-from qlora.config import Config, MixedPrecision, builds_scratch_model, validate
+from qlora import demo
+from qlora.config import Config, MixedPrecision, validate
+from qlora.errors import QloraError
 from qlora.lora import attach_lora
 from qlora.metrics import MetricsLog
 from qlora.model import compute_dtype, load_base_model, load_tokenizer, quant_report
@@ -75,7 +77,7 @@ def run(config: Config) -> RunResult:
              _name(compute_dtype(config.quant, device)), accelerator.mixed_precision)
 
     # Base model, quantized and frozen
-    _prepare_demo_assets(config)
+    demo.prepare_assets(config.model, config.data)
     tokenizer = load_tokenizer(config.model)
     t0 = time.perf_counter()
     model = load_base_model(config.model, config.quant, device)
@@ -93,20 +95,16 @@ def run(config: Config) -> RunResult:
     model = attach_lora(model, config.lora)
 
     # Data
-    records = qdata.read_records(config.data)
-    examples, stats = qdata.encode(records, config.data, tokenizer, config.train.seq_len, config.data.path)
-    train_set, eval_set = qdata.split(examples, config.data.eval_fraction, config.seed)
-    log.info("data %s: %d records -> %d kept (%d truncated to %d tokens, %d dropped); %d train / %d eval examples",
-             config.data.path, stats.records, stats.kept, stats.truncated, config.train.seq_len, stats.dropped,
-             len(train_set), len(eval_set))
-    collate = qdata.Collator(tokenizer.pad_token_id)
-    generator = torch.Generator().manual_seed(config.seed)
-    train_loader = torch.utils.data.DataLoader(train_set, batch_size=config.train.micro_batch_size, shuffle=True,
-                                               drop_last=len(train_set) >= config.train.micro_batch_size,
-                                               collate_fn=collate, generator=generator,
-                                               num_workers=config.train.num_workers)
-    eval_loader = torch.utils.data.DataLoader(eval_set, batch_size=config.train.micro_batch_size,
-                                              collate_fn=collate) if eval_set else None
+    qdata.use_chat_template(config.data, tokenizer)
+    data = qdata.load(config.data, tokenizer, config.train.seq_len, config.seed, Path(config.cache_dir).expanduser())
+    log.info("data %s (%s): %s; %d train / %d eval sequences%s", config.data.path, config.data.format.value,
+             data.stats.describe(config.train.seq_len), len(data.train), len(data.eval),
+             ", packed" if config.data.packing else "")
+    train_loader, eval_loader = qdata.loaders(data, config.data, config.train.micro_batch_size,
+                                              config.train.seq_len, tokenizer.pad_token_id, config.seed,
+                                              config.train.num_workers)
+    if config.data.packing:
+        check_packed_attention(model, qdata.first_batch(train_loader), device)
 
     # Optimizer and schedule
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -121,7 +119,7 @@ def run(config: Config) -> RunResult:
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
 
-    prompts = [qdata.render_prompt(config.data.format, p) for p in config.train.sample_prompts]
+    prompts = [qdata.prompt_ids(p, config.data, tokenizer) for p in config.train.sample_prompts]
     before = generate(model, tokenizer, prompts, config.train.max_new_tokens, device)
 
     metrics = MetricsLog(out, config.train.tensorboard)
@@ -177,7 +175,7 @@ def train_loop(model, optimizer, scheduler, train_loader, eval_loader, accelerat
         for i, batch in enumerate(micro):
             sync = i == len(micro) - 1
             with _maybe_no_sync(accelerator, model, sync), accelerator.autocast():
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                logits = model(**qdata.model_inputs(batch)).logits
                 loss = token_loss_sum(logits, batch["labels"])
                 accelerator.backward(loss / max(n_trained, 1))
             loss_sum += loss.detach()
@@ -232,7 +230,7 @@ def evaluate(model, loader, max_batches: int) -> float:
     for i, batch in enumerate(loader):
         if i >= max_batches:
             break
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(**qdata.model_inputs(batch)).logits
         total += token_loss_sum(logits, batch["labels"]).double().cpu()
         count += int((batch["labels"][:, 1:] != qdata.IGNORE_INDEX).sum())
     model.train()
@@ -240,21 +238,51 @@ def evaluate(model, loader, max_batches: int) -> float:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, device: torch.device) -> list[str]:
-    """Greedy continuations of `prompts` (the text after each prompt, special tokens removed)."""
+def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, device: torch.device) -> list[str]:
+    """Greedy continuations of prompts given as token ids (the new text, special tokens removed)."""
     if not prompts:
         return []
     was_training = model.training
     model.eval()
     answers = []
     for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+        ids = torch.tensor([prompt], device=device)
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id)
         answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
     model.train(was_training)
     return answers
+
+
+@torch.no_grad()
+def check_packed_attention(model, batch: dict, device: torch.device) -> None:
+    """Refuse to train packed if the model's attention lets a packed sample see the one before it.
+
+    The second sample of a packed row must give the same logits as on its own. The same row with a plain
+    causal mask (what attention that ignores position-id restarts computes) sets the scale of a leak.
+    """
+    positions = batch["position_ids"][0]
+    starts = (positions == 0).nonzero().flatten().tolist()
+    if len(starts) < 2 or starts[1] - starts[0] < 2:
+        return  # the first row holds one sample: nothing can leak
+    end = starts[2] if len(starts) > 2 else len(positions)
+    ids = batch["input_ids"][:1, :end].to(device)
+    pos = positions[None, :end].to(device)
+    was_training = model.training
+    model.eval()
+    packed = model(input_ids=ids, position_ids=pos, use_cache=False).logits[0, starts[1]:end].float()
+    alone = model(input_ids=ids[:, starts[1]:end], use_cache=False).logits[0].float()
+    leaky = model(input_ids=ids, position_ids=pos, attention_mask=torch.ones_like(ids),
+                  use_cache=False).logits[0, starts[1]:end]
+    model.train(was_training)
+    error, leak = (packed - alone).abs().max().item(), (leaky.float() - alone).abs().max().item()
+    log.info("packing: a packed sample's logits match it alone to %.2g (a leak across samples would be %.2g)",
+             error, leak)
+    if error > max(0.1 * leak, 1e-5):
+        raise QloraError(f"attention implementation {model.config._attn_implementation!r} lets packed samples "
+                         "attend to each other; use model.attn_implementation=sdpa (or eager, flash_attention_2) "
+                         "or set data.packing=false")
 
 
 def _epochs(loader, state: TrainState):
@@ -281,16 +309,6 @@ def _mixed_precision(choice: MixedPrecision) -> str:
     if choice != MixedPrecision.auto:
         return choice.value
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-
-
-def _prepare_demo_assets(config: Config) -> None:
-    from qlora import demo
-
-    if builds_scratch_model(config.model):
-        demo.ensure_scratch_model(Path(config.model.name_or_path).expanduser(), config.model.scratch)
-    data_path = Path(config.data.path).expanduser()
-    if config.data.generate_demo and not data_path.exists():
-        demo.write_demo_dataset(data_path)
 
 
 def _log_base(model, config: Config, seconds: float) -> None:

@@ -1,103 +1,291 @@
-"""Loss masking on token ids, EOS trained, padding masked, bad rows named."""
+"""Each data format renders and masks right on token ids; EOS is trained; every bad record is named."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from qlora import data as qdata
-from qlora.config import DataConfig, DataFormat
-from qlora.demo import build_demo_tokenizer, demo_records
+from qlora.config import ColumnsConfig, DataConfig, DataFormat, OnInvalid, Overlong, RolesConfig
+from qlora.data.formats import resolve_chat_template
+from qlora.demo import build_bpe_tokenizer, build_demo_tokenizer, demo_records
 from qlora.errors import QloraError
+
+IGNORE = qdata.IGNORE_INDEX
+
+CHAT = [
+    {"role": "system", "content": "You are a farmer."},
+    {"role": "user", "content": "What sound does a cow make?"},
+    {"role": "assistant", "content": "A cow says moo."},
+    {"role": "user", "content": "And a duck?"},
+    {"role": "assistant", "content": "A duck says quack."},
+]
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return build_demo_tokenizer()
+def bpe(tmp_path_factory):
+    """A byte-level BPE tokenizer (ChatML template, pad distinct from EOS) trained on demo and chat text."""
+    corpus = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    rows = demo_records() + [{"messages": CHAT}]
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return build_bpe_tokenizer(str(corpus), 400)
 
 
-def alpaca(**kw) -> DataConfig:
-    return DataConfig(path="x.jsonl", format=DataFormat.alpaca, **kw)
+def encode(rows, tokenizer, seq_len=256, **settings):
+    cfg = DataConfig(path="d.jsonl", **settings)
+    source = qdata.Source("d.jsonl", rows, lines=list(range(1, len(rows) + 1)))
+    return qdata.encode(source, cfg, tokenizer, resolve_chat_template(cfg, tokenizer), seq_len)
 
 
-def test_only_the_response_and_its_eos_carry_loss(tokenizer):
+def trained_text(example, tokenizer) -> list[str]:
+    """The decoded runs of trained tokens."""
+    runs, current = [], []
+    for token, label in zip(example.input_ids.tolist(), [IGNORE, *example.labels[1:].tolist()], strict=True):
+        if label != IGNORE:
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    return [tokenizer.decode(run, skip_special_tokens=False) for run in runs]
+
+
+def ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# --- alpaca -------------------------------------------------------------------------------------------------
+
+
+def test_alpaca_trains_only_the_response_and_its_eos(bpe):
     record = {"instruction": "What sound does a cow make?", "input": "", "output": "A cow says moo."}
-    [example], stats = qdata.encode([record], alpaca(), tokenizer, 96, "t")
-    prompt = tokenizer(qdata.alpaca_prompt(record["instruction"]))["input_ids"]
-    response = tokenizer(record["output"], add_special_tokens=False)["input_ids"]
-    assert example.input_ids == prompt + response + [tokenizer.eos_token_id]
-    assert example.labels == [qdata.IGNORE_INDEX] * len(prompt) + response + [tokenizer.eos_token_id]
-    trained = [t for t in example.labels if t != qdata.IGNORE_INDEX]
-    assert tokenizer.decode(trained, skip_special_tokens=True) == "A cow says moo."
-    assert trained[-1] == tokenizer.eos_token_id
-    assert (stats.kept, stats.truncated, stats.dropped) == (1, 0, 0)
+    [example], stats = encode([record], bpe)
+    prompt = [bpe.bos_token_id] + ids(bpe, qdata.alpaca_prompt(record["instruction"]))
+    response = ids(bpe, record["output"])
+    assert example.input_ids.tolist() == prompt + response + [bpe.eos_token_id]
+    assert example.labels.tolist() == [IGNORE] * len(prompt) + response + [bpe.eos_token_id]
+    assert trained_text(example, bpe) == ["A cow says moo.</s>"]
+    assert (stats.kept, stats.truncated, stats.dropped, stats.skipped) == (1, 0, 0, 0)
 
 
-def test_train_on_prompt_trains_everything(tokenizer):
-    record = {"instruction": "What does a cow eat?", "output": "A cow eats grass."}
-    [example], _ = qdata.encode([record], alpaca(train_on_prompt=True), tokenizer, 96, "t")
-    assert example.labels == example.input_ids
+def test_alpaca_with_input_puts_it_in_the_prompt(bpe):
+    record = {"instruction": "Say what the animal says.", "input": "a duck", "output": "quack"}
+    [example], _ = encode([record], bpe)
+    text = bpe.decode(example.input_ids.tolist())
+    assert "### Input:\na duck\n\n### Response:\nquack</s>" in text
+    assert trained_text(example, bpe) == ["quack</s>"]
 
 
-def test_truncation_and_dropping_are_counted(tokenizer):
-    records = demo_records()[:3]
-    prompt_len = len(tokenizer(qdata.alpaca_prompt(records[0]["instruction"]))["input_ids"])
-    examples, stats = qdata.encode(records, alpaca(), tokenizer, prompt_len + 2, "t")
-    assert stats.truncated == 3 and all(len(e.input_ids) == prompt_len + 2 for e in examples)
-    with pytest.raises(QloraError, match="no trainable examples"):
-        qdata.encode(records, alpaca(), tokenizer, prompt_len - 5, "t")
+def test_train_on_prompt_trains_everything(bpe):
+    [example], _ = encode([{"instruction": "What does a cow eat?", "output": "A cow eats grass."}], bpe,
+                          train_on_prompt=True)
+    assert example.labels[1:].tolist() == example.input_ids[1:].tolist()
 
 
-def test_text_format_windows_long_documents(tokenizer):
-    text = " ".join(["A cow says moo."] * 20)  # 100 tokens + EOS
-    cfg = DataConfig(path="x.jsonl", format=DataFormat.text)
-    examples, _ = qdata.encode([{"text": text}], cfg, tokenizer, 32, "t")
-    assert [len(e.input_ids) for e in examples] == [32, 32, 32, 6]
-    assert sum((e.input_ids for e in examples), []) == tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
-    assert examples[0].labels[0] == qdata.IGNORE_INDEX  # BOS is never a target
-    assert examples[0].labels[1:] == examples[0].input_ids[1:]
-    assert all(e.labels == e.input_ids for e in examples[1:])
+def test_column_mapping_reads_other_field_names(bpe):
+    plain = {"instruction": "What does a cow eat?", "output": "A cow eats grass."}
+    renamed = {"question": plain["instruction"], "answer": plain["output"]}
+    [a], _ = encode([plain], bpe)
+    [b], _ = encode([renamed], bpe, columns=ColumnsConfig(instruction="question", output="answer"))
+    assert a.input_ids.tolist() == b.input_ids.tolist() and a.labels.tolist() == b.labels.tolist()
 
 
-def test_collator_masks_padding_by_position_even_when_pad_is_eos(tokenizer):
-    a = qdata.Example([5, 6, 7, 3], [-100, 6, 7, 3])
-    b = qdata.Example([5, 6], [-100, 6])
-    batch = qdata.Collator(pad_id=3)([a, b])  # pad id == the EOS id used above
-    assert batch["input_ids"].tolist() == [[5, 6, 7, 3], [5, 6, 3, 3]]
-    assert batch["labels"].tolist() == [[-100, 6, 7, 3], [-100, 6, -100, -100]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+# --- chat ---------------------------------------------------------------------------------------------------
 
 
-def test_split_is_seeded_and_disjoint(tokenizer):
-    examples, _ = qdata.encode(demo_records(), alpaca(), tokenizer, 96, "t")
-    train, held = qdata.split(examples, 0.1, seed=1)
-    again, held_again = qdata.split(examples, 0.1, seed=1)
-    assert len(held) == 18 and len(train) == 162
-    assert [e.input_ids for e in held] == [e.input_ids for e in held_again]
-    assert not {id(e) for e in train} & {id(e) for e in held}
+def test_chat_trains_every_assistant_turn_and_no_user_turn(bpe):
+    [example], _ = encode([{"messages": CHAT}], bpe, format=DataFormat.chat)
+    rendered = bpe.apply_chat_template(CHAT, tokenize=False)
+    assert bpe.decode(example.input_ids.tolist()) == rendered + "</s>"
+    # ChatML's end-of-turn marker is trained with each answer; EOS follows the last one.
+    assert trained_text(example, bpe) == ["A cow says moo.<|im_end|>\n", "A duck says quack.<|im_end|>\n</s>"]
+
+
+def test_sharegpt_layout_equals_openai_layout(bpe):
+    names = {"system": "system", "user": "human", "assistant": "gpt"}
+    sharegpt = [{"from": names[m["role"]], "value": m["content"]} for m in CHAT]
+    [a], _ = encode([{"messages": CHAT}], bpe, format=DataFormat.chat)
+    [b], _ = encode([{"conversations": sharegpt}], bpe, format=DataFormat.chat)
+    assert a.input_ids.tolist() == b.input_ids.tolist() and a.labels.tolist() == b.labels.tolist()
+
+
+def test_chat_field_and_role_names_are_configurable(bpe):
+    dialog = [{"speaker": {"system": "narrator", "user": "farmer", "assistant": "bot"}[m["role"]],
+               "text": m["content"]} for m in CHAT]
+    [a], _ = encode([{"messages": CHAT}], bpe, format=DataFormat.chat)
+    [b], _ = encode([{"dialog": dialog}], bpe, format=DataFormat.chat,
+                    columns=ColumnsConfig(messages="dialog", role="speaker", content="text"),
+                    roles=RolesConfig(system=["narrator"], user=["farmer"], assistant=["bot"]))
+    assert a.input_ids.tolist() == b.input_ids.tolist() and a.labels.tolist() == b.labels.tolist()
+
+
+def test_named_template_when_the_tokenizer_has_none(bpe):
+    tokenizer = build_demo_tokenizer()  # no chat template
+    with pytest.raises(QloraError, match="has no chat template; set data.chat_template"):
+        encode([{"messages": CHAT}], tokenizer, format=DataFormat.chat)
+    # (this small vocabulary spells the Llama 3 markers out in many tokens, hence the long seq_len)
+    [example], _ = encode([{"messages": CHAT}], bpe, seq_len=1024, format=DataFormat.chat, chat_template="llama3")
+    assert trained_text(example, bpe) == ["A cow says moo.<|eot_id|>", "A duck says quack.<|eot_id|></s>"]
+
+
+def test_chat_template_set_on_the_tokenizer_is_saved_with_it(bpe, tmp_path):
+    bpe.save_pretrained(tmp_path / "tok")
+    from transformers import AutoTokenizer
+
+    reloaded = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    qdata.use_chat_template(DataConfig(path="d", format=DataFormat.chat, chat_template="llama3"), reloaded)
+    reloaded.save_pretrained(tmp_path / "saved")
+    assert "<|eot_id|>" in AutoTokenizer.from_pretrained(tmp_path / "saved").chat_template
+
+
+def test_a_template_that_renders_no_assistant_turn_is_refused(bpe):
+    users_only = "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}\n{% endif %}{% endfor %}"
+    with pytest.raises(QloraError, match="line 1: the chat template renders no assistant turn"):
+        encode([{"messages": CHAT}], bpe, format=DataFormat.chat, chat_template=users_only)
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused(bpe):
+    last_only = "{{ messages[-1]['content'] }}{% if add_generation_prompt %}>{% endif %}"
+    with pytest.raises(QloraError, match="renders earlier turns differently"):
+        encode([{"messages": CHAT}], bpe, format=DataFormat.chat, chat_template=last_only)
+
+
+def test_messages_after_the_last_answer_are_left_out(bpe):
+    [a], _ = encode([{"messages": CHAT}], bpe, format=DataFormat.chat)
+    [b], _ = encode([{"messages": [*CHAT, {"role": "user", "content": "Thanks!"}]}], bpe, format=DataFormat.chat)
+    assert a.input_ids.tolist() == b.input_ids.tolist()
+
+
+# --- text ---------------------------------------------------------------------------------------------------
+
+
+def test_text_format_trains_every_token_in_windows(bpe):
+    text = " ".join(["A cow says moo."] * 20)
+    examples, stats = encode([{"text": text}], bpe, seq_len=32, format=DataFormat.text)
+    expected = [bpe.bos_token_id] + ids(bpe, text) + [bpe.eos_token_id]
+    assert sum((e.input_ids.tolist() for e in examples), []) == expected
+    assert [len(e) for e in examples[:-1]] == [32] * (len(examples) - 1)
+    assert all(e.labels.tolist() == e.input_ids.tolist() for e in examples[1:])
+    assert examples[0].labels[0] == IGNORE and stats.examples == len(examples) > 1
+
+
+# --- validation ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("row", "settings", "message"), [
+    ({"instruction": "a"}, {}, "line 2: 'output' is missing"),
+    ({"instruction": "a", "output": "  "}, {}, "line 2: 'output' is empty"),
+    ({"instruction": "a", "output": 3}, {}, "line 2: 'output' is a int, expected text"),
+    ({"instruction": "a", "input": ["x"], "output": "b"}, {}, "line 2: 'input' is a list, expected text"),
+    ({"body": "x"}, {"format": DataFormat.text}, "line 2: 'text' is missing"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, {"format": DataFormat.chat}, "line 2: 'messages' has no "
+                                                                                      "assistant turn"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, {"format": DataFormat.chat}, "line 2: 'messages'\\[0\\]"
+                                                                                      ".role is 'robot'"),
+    ({"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}]},
+     {"format": DataFormat.chat}, r"line 2: 'messages'\[0\].content is missing or empty"),
+    ({"messages": []}, {"format": DataFormat.chat}, "line 2: 'messages' must be a non-empty list"),
+    ({"chat": []}, {"format": DataFormat.chat}, "line 2: no 'messages' \\(or 'conversations'\\) field"),
+])
+def test_bad_records_are_named_with_file_line_and_field(bpe, row, settings, message):
+    good = ({"messages": CHAT} if settings.get("format") == DataFormat.chat
+            else {"text": "A cow says moo."} if settings.get("format") == DataFormat.text
+            else {"instruction": "a", "output": "b"})
+    with pytest.raises(QloraError, match=f"^d.jsonl {message}.*; fix or remove those records"):
+        encode([good, row], bpe, **settings)
+
+
+def test_every_bad_record_is_counted_and_skip_is_explicit(bpe):
+    rows = [{"instruction": "a", "output": "b"}, {"instruction": "a"}, {"instruction": "c", "output": "d"},
+            {"instruction": "a", "output": ""}]
+    with pytest.raises(QloraError, match=r"line 2: 'output' is missing \(and 1 more: line 4\).*on_invalid=skip"):
+        encode(rows, bpe)
+    examples, stats = encode(rows, bpe, on_invalid=OnInvalid.skip)
+    assert [e.record for e in examples] == [0, 2]
+    assert stats.skipped == 2 and stats.skipped_why == ["line 2: 'output' is missing", "line 4: 'output' is empty"]
+
+
+def test_overlong_samples_are_truncated_dropped_or_refused_and_counted(bpe):
+    rows = [{"instruction": "What does a cow eat?", "output": "A cow eats grass. " * 20},
+            {"instruction": "What does a cow eat?", "output": "Grass."}]
+    short = len(encode(rows[1:], bpe)[0][0])
+    examples, stats = encode(rows, bpe, seq_len=short + 4)
+    assert stats.truncated == 1 and [len(e) for e in examples] == [short + 4, short]
+    assert examples[0].labels[-1] != bpe.eos_token_id  # cut short: no EOS to learn
+    examples, stats = encode(rows, bpe, seq_len=short + 4, overlong=Overlong.drop)
+    assert stats.dropped == 1 and [e.record for e in examples] == [1]
+    with pytest.raises(QloraError, match=r"line 1: is \d+ tokens, longer than train.seq_len=\d+; raise"):
+        encode(rows, bpe, seq_len=short + 4, overlong=Overlong.error)
+
+
+def test_a_prompt_that_fills_seq_len_leaves_nothing_to_train_and_is_dropped(bpe):
+    rows = [{"instruction": "What does a cow eat? " * 30, "output": "Grass."},
+            {"instruction": "Cow?", "output": "Moo."}]
+    seq_len = len(encode(rows[1:], bpe)[0][0])
+    examples, stats = encode(rows, bpe, seq_len=seq_len)
+    assert stats.dropped == 1 and [e.record for e in examples] == [1]
+    with pytest.raises(QloraError, match="no trainable samples"):
+        encode(rows[:1], bpe, seq_len=seq_len)
+
+
+def test_eos_stays_trained_when_pad_is_eos(bpe):
+    rows = [{"instruction": "Cow?", "output": "A cow says moo."}, {"instruction": "Duck?", "output": "Quack."}]
+    examples, _ = encode(rows, bpe)
+    batch = qdata.Collator(pad_id=bpe.eos_token_id, packed=False)(qdata.unpacked(examples))
+    for row, example in enumerate(examples):
+        n = len(example)
+        assert batch["labels"][row, n - 1] == bpe.eos_token_id  # the real EOS: trained
+        assert (batch["labels"][row, n:] == IGNORE).all()  # padding with the same id: not trained
+        assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (batch["input_ids"].shape[1] - n)
+
+
+# --- reading ------------------------------------------------------------------------------------------------
 
 
 def test_malformed_jsonl_names_the_line(tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n')
-    with pytest.raises(QloraError, match=r"d.jsonl: line 2 is not valid JSON"):
-        qdata.read_records(DataConfig(path=str(path)))
+    path.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "a", "output": \n')
+    with pytest.raises(QloraError, match=r"d.jsonl: line 3 is not valid JSON"):
+        qdata.read_source(str(path), "train")
 
 
-def test_missing_field_names_the_record(tmp_path, tokenizer):
-    path = tmp_path / "d.json"
-    path.write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "a", "output": ""}]))
-    records = qdata.read_records(DataConfig(path=str(path)))
-    with pytest.raises(QloraError, match="record 1 has no 'output' text"):
-        qdata.encode(records, alpaca(), tokenizer, 96, str(path))
+def test_jsonl_rows_are_named_by_line_even_after_blank_lines(tmp_path, bpe):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "a"}\n')
+    source = qdata.read_source(str(path), "train")
+    with pytest.raises(QloraError, match=r"d.jsonl line 3: 'output' is missing"):
+        qdata.encode(source, DataConfig(path=str(path)), bpe, None, 64)
 
 
-def test_reads_the_shared_alpaca_sample():
+@pytest.mark.parametrize("suffix", ["csv", "parquet"])
+def test_csv_and_parquet_give_the_same_samples_as_json(tmp_path, bpe, suffix):
+    from datasets import Dataset
+
+    rows = [{"messages": json.dumps(CHAT)}, {"messages": json.dumps(CHAT[:3])}]
+    path = tmp_path / f"d.{suffix}"
+    getattr(Dataset.from_list(rows), f"to_{suffix}")(str(path))
+    cfg = DataConfig(path=str(path), format=DataFormat.chat)
+    examples, _ = qdata.encode(qdata.read_source(str(path), "train"), cfg, bpe, bpe.chat_template, 256)
+    expected, _ = encode([{"messages": CHAT}, {"messages": CHAT[:3]}], bpe, format=DataFormat.chat)
+    assert [e.input_ids.tolist() for e in examples] == [e.input_ids.tolist() for e in expected]
+
+
+def test_reads_the_shared_alpaca_sample(bpe):
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_5000.json"
     if not path.is_file():
         pytest.skip("../shared/data/alpaca_5000.json is not beside this checkout")
-    records = qdata.read_records(DataConfig(path=str(path)))
-    assert len(records) == 5000 and {"instruction", "input", "output"} <= set(records[0])
+    source = qdata.read_source(str(path), "train")
+    assert len(source.rows) == 5000 and {"instruction", "input", "output"} <= set(source.rows[0])
+    with pytest.raises(QloraError, match="record 2336: 'output' is empty \\(and 1 more: record 4659\\)"):
+        qdata.encode(source, DataConfig(path=str(path)), bpe, None, 512)
+    with_input = sum(bool(r["input"]) for r in source.rows)
+    examples, stats = qdata.encode(source, replace(DataConfig(path=str(path)), on_invalid=OnInvalid.skip), bpe, None,
+                                   512)
+    assert stats.kept == 4998 - stats.dropped and 0 < with_input < 5000
+    assert all(np.any(e.labels != IGNORE) for e in examples)

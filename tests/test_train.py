@@ -125,12 +125,14 @@ def test_seeded_runs_are_identical(tmp_path, trained):
 
 
 def test_gradient_accumulation_matches_a_bigger_batch(tmp_path):
-    # Loss is weighted by trained tokens across the micro batches of a step, so 2 x 4 == 1 x 8.
+    # Loss is weighted by trained tokens across the micro batches of a step, so 2 x 4 == 1 x 8 (ungrouped
+    # batches, so that both see the same samples in each step).
     runs = {}
     for micro, accum in ((8, 1), (4, 2)):
         out = tmp_path / f"{micro}x{accum}"
         run(compose(tmp_path / "cache", out, "train.max_steps=3", "train.eval_every_steps=0", "train.log_every_steps=1",
-                    f"train.micro_batch_size={micro}", f"train.grad_accum_steps={accum}", "train.sample_prompts=[]"))
+                    f"train.micro_batch_size={micro}", f"train.grad_accum_steps={accum}", "train.sample_prompts=[]",
+                    "data.group_by_length=false"))
         runs[micro] = [r["loss"] for r in read_metrics(out)]
     assert runs[8] == pytest.approx(runs[4], rel=1e-4)
 
@@ -167,3 +169,46 @@ def test_cli_multirun_gives_each_run_its_own_folder(tmp_path):
     for p, r in zip(runs, (4, 8), strict=True):
         assert json.loads((p / "adapter" / "adapter_config.json").read_text())["r"] == r
         assert OmegaConf.load(p / "config.yaml").output_dir == str(p)
+
+
+def write_chat_data(path: Path) -> None:
+    """Two-turn conversations about the demo animals (ShareGPT layout)."""
+    from qlora.demo import demo_records
+
+    records = demo_records()
+    rows = [{"conversations": [{"from": "human", "value": a["instruction"]}, {"from": "gpt", "value": a["output"]},
+                               {"from": "human", "value": b["instruction"]}, {"from": "gpt", "value": b["output"]}]}
+            for a, b in zip(records[0::2], records[1::2], strict=True)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_packed_chat_run_learns_and_saves_its_template(tmp_path):
+    chat = tmp_path / "chat.jsonl"
+    write_chat_data(chat)
+    out = tmp_path / "run"
+    result = run(compose(tmp_path / "cache", out, "model=tiny-llama-bpe", f"model.scratch.path={tmp_path}/bpe",
+                         "model.scratch.tokenizer_vocab_size=512", f"data.path={chat}", "data.format=chat",
+                         "data.generate_demo=false", "data.packing=true", "train.seq_len=256",
+                         "train.micro_batch_size=2", "train.max_steps=12", "train.eval_every_steps=12",
+                         "train.log_every_steps=1", "train.sample_prompts=[What sound does a cow make?]",
+                         "train.max_new_tokens=4"))
+    assert result.final_eval_loss < 0.9 * result.first_eval_loss
+    rows = [r for r in read_metrics(out) if "loss" in r]
+    assert all(r["tokens_seen"] > 0 for r in rows)
+    saved = (out / "tokenizer" / "tokenizer_config.json").read_text() + \
+        "".join(p.read_text() for p in (out / "tokenizer").glob("*.jinja"))
+    assert "<|im_start|>" in saved  # the chat template it was trained with travels with the run
+    assert result.samples[0]["prompt"] == "What sound does a cow make?"
+
+
+def test_tiny_alpaca_recipe_trains_on_the_shared_sample(tmp_path):
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_5000.json"
+    if not shared.is_file():
+        pytest.skip("../shared/data/alpaca_5000.json is not beside this checkout")
+    subset = tmp_path / "alpaca_400.json"
+    subset.write_text(json.dumps(json.loads(shared.read_text())[:400]))
+    out = tmp_path / "run"
+    result = run(compose(tmp_path / "cache", out, "recipe=tiny-alpaca", f"model.scratch.path={tmp_path}/bpe",
+                         f"data.path={subset}", "data.eval_fraction=0.05", "train.max_steps=15",
+                         "train.eval_every_steps=15", "train.sample_prompts=[]"))
+    assert result.final_eval_loss < 0.95 * result.first_eval_loss

@@ -1,0 +1,242 @@
+"""Tokenizing rendered samples into (input_ids, labels), validating them, and caching the result.
+
+Every record either becomes a training sample or is reported: a missing or empty field, a conversation
+without an assistant turn, a response that tokenizes to nothing, or (with data.overlong=error) a sample
+longer than train.seq_len stops the run with the file and row named. Truncated and dropped samples are counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qlora.config import DataConfig, DataFormat, OnInvalid, Overlong
+from qlora.data.formats import RecordError, render
+from qlora.data.records import Source, fingerprint, read_source
+from qlora.errors import QloraError
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+ENCODING_VERSION = "1"  # bump when the encoding below changes, so cached tokens are never reused across versions
+
+
+@dataclass
+class Example:
+    """One tokenized sample; labels are IGNORE_INDEX where no loss is taken."""
+
+    input_ids: np.ndarray
+    labels: np.ndarray
+    record: int
+    """Index of the record it came from (text documents may give several examples)."""
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class DataStats:
+    """What became of a data file's records."""
+
+    records: int
+    kept: int
+    """Records that gave at least one example."""
+    skipped: int
+    """Invalid records left out (data.on_invalid=skip)."""
+    skipped_why: list[str]
+    """Where and why, for the first ten of them."""
+    truncated: int
+    """Samples cut to seq_len (data.overlong=truncate)."""
+    dropped: int
+    """Samples left out: longer than seq_len with data.overlong=drop, or whose prompt alone fills seq_len."""
+    examples: int
+    """Sequences produced (text documents longer than seq_len give several)."""
+    tokens: int
+    trained_tokens: int
+
+    def describe(self, seq_len: int) -> str:
+        skipped = f"{self.skipped} invalid skipped, " if self.skipped else ""
+        share = self.trained_tokens / max(self.tokens, 1)
+        return (f"{self.records} records -> {self.kept} kept, {skipped}{self.truncated} truncated to {seq_len} "
+                f"tokens, {self.dropped} dropped (longer than seq_len); {self.examples} sequences, "
+                f"{self.tokens:,} tokens, {self.trained_tokens:,} trained ({share:.0%})")
+
+
+def encode_source(path: str, cfg: DataConfig, tokenizer, template: str | None, seq_len: int,
+                  cache_dir: Path | None) -> tuple[list[Example], DataStats]:
+    """The examples of the data at `path`, from the tokenization cache when an identical encoding is there."""
+    if cache_dir is None:
+        return encode(read_source(path, cfg.split), cfg, tokenizer, template, seq_len)
+    key = cache_key(fingerprint(path, cfg.split), cfg, tokenizer, template, seq_len)
+    folder = cache_dir / key
+    if (folder / "stats.json").is_file():
+        try:
+            examples, stats = _load(folder)
+            log.info("data %s: tokenized samples from cache %s", path, folder)
+            return examples, stats
+        except Exception as e:  # unreadable or from an incompatible version: tokenize again and replace it
+            log.warning("tokenization cache %s is unreadable (%s: %s); tokenizing again", folder, type(e).__name__, e)
+    examples, stats = encode(read_source(path, cfg.split), cfg, tokenizer, template, seq_len)
+    _store(folder, examples, stats)
+    return examples, stats
+
+
+def encode(source: Source, cfg: DataConfig, tokenizer, template: str | None,
+           seq_len: int) -> tuple[list[Example], DataStats]:
+    """Tokenize every record of `source`; raises QloraError naming the bad rows if there are any."""
+    samples, problems = [], []
+    for i, row in enumerate(source.rows):
+        try:
+            samples.append(render(row, cfg, tokenizer, template))
+        except RecordError as e:
+            problems.append((i, str(e)))
+            samples.append([])
+
+    # One tokenizer call for every segment of every sample: fast tokenizers batch this in Rust.
+    texts = [text for segments in samples for text, _ in segments]
+    ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    prefix = [] if cfg.format == DataFormat.chat else special_prefix(tokenizer)  # chat templates write their own
+    eos = tokenizer.eos_token_id
+    examples, overlong = [], []
+    truncated = dropped = 0
+    for i, segments in enumerate(samples):
+        if not segments:
+            continue  # invalid, reported below
+        input_ids, trained = list(prefix), [cfg.train_on_prompt] * len(prefix)
+        response, n_response = [], 0
+        for _, is_response in segments:
+            piece = next(ids)
+            input_ids += piece
+            trained += [is_response or cfg.train_on_prompt] * len(piece)
+            if is_response:
+                response, n_response = piece, n_response + len(piece)
+        if n_response == 0:
+            problems.append((i, "its response tokenizes to nothing, so no token would be trained"))
+            continue
+        if eos not in response:  # the template wrote no EOS after the last answer: the model must learn to stop
+            input_ids.append(eos)
+            trained.append(True)
+        labels = [t if m else IGNORE_INDEX for t, m in zip(input_ids, trained, strict=True)]
+        if cfg.format == DataFormat.text:
+            # Continued pretraining: a long document becomes several windows; nothing is thrown away.
+            for start in range(0, len(input_ids), seq_len):
+                examples.append(_example(input_ids[start:start + seq_len], labels[start:start + seq_len], i))
+            continue
+        if len(input_ids) > seq_len:
+            if cfg.overlong == Overlong.error:
+                overlong.append((i, f"is {len(input_ids)} tokens, longer than train.seq_len={seq_len}"))
+                continue
+            if cfg.overlong == Overlong.drop or all(x == IGNORE_INDEX for x in labels[1:seq_len]):
+                dropped += 1  # dropped by request, or the prompt alone fills seq_len
+                continue
+            input_ids, labels = input_ids[:seq_len], labels[:seq_len]
+            truncated += 1
+        examples.append(_example(input_ids, labels, i))
+    problems.sort()
+    if cfg.on_invalid == OnInvalid.error:
+        _raise_problems(source, problems, "fix or remove those records, map field names with data.columns, "
+                        "or set data.on_invalid=skip")
+    _raise_problems(source, overlong, "raise train.seq_len, or set data.overlong=truncate or drop")
+    if not examples:
+        raise QloraError(f"{source.name}: no trainable samples (all {len(source.rows)} prompts are longer than "
+                         f"train.seq_len={seq_len}); raise train.seq_len")
+    kept = len({e.record for e in examples})
+    tokens = sum(len(e) for e in examples)
+    trained_tokens = sum(int((e.labels[1:] != IGNORE_INDEX).sum()) for e in examples)
+    why = [f"{source.where(i)}: {message}" for i, message in problems[:10]]
+    stats = DataStats(len(source.rows), kept, len(problems), why, truncated, dropped, len(examples), tokens,
+                      trained_tokens)
+    _warn_unknown_tokens(examples, tokenizer, source.name)
+    return examples, stats
+
+
+def special_prefix(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before a text by default (typically BOS)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return full[:start]
+    return []
+
+
+def cache_key(data_fingerprint: str, cfg: DataConfig, tokenizer, template: str | None, seq_len: int) -> str:
+    """A digest of everything the encoding depends on: data, tokenizer, template, settings, code version."""
+    settings = {k: v for k, v in asdict(cfg).items()
+                if k in ("format", "columns", "roles", "train_on_prompt", "overlong")}
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocabulary = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    digest = hashlib.sha256()
+    for part in (ENCODING_VERSION, data_fingerprint, vocabulary, template or "",
+                 json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id]),
+                 json.dumps(settings, default=str, sort_keys=True), str(seq_len)):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:24]
+
+
+def _example(input_ids: list[int], labels: list[int], record: int) -> Example:
+    return Example(np.asarray(input_ids, dtype=np.int64), np.asarray(labels, dtype=np.int64), record)
+
+
+def _raise_problems(source: Source, problems: list[tuple[int, str]], fix: str) -> None:
+    if not problems:
+        return
+    i, message = problems[0]
+    more = ""
+    if len(problems) > 1:
+        others = ", ".join(source.where(j) for j, _ in problems[1:6])
+        more = f" (and {len(problems) - 1} more: {others}{', ...' if len(problems) > 6 else ''})"
+    raise QloraError(f"{source.name} {source.where(i)}: {message}{more}; {fix}")
+
+
+def _warn_unknown_tokens(examples: list[Example], tokenizer, name: str) -> None:
+    unk = tokenizer.unk_token_id
+    if unk is None:
+        return
+    total = sum(len(e) for e in examples)
+    unknown = sum(int((e.input_ids == unk).sum()) for e in examples)
+    if unknown > 0.01 * total:
+        log.warning("data %s: %.0f%% of tokens are unknown to the tokenizer (%s); is this the right tokenizer "
+                    "for this data?", name, 100 * unknown / total, tokenizer.unk_token)
+
+
+def _store(folder: Path, examples: list[Example], stats: DataStats) -> None:
+    """Save as a datasets Arrow folder plus stats.json, atomically (stats.json last marks it complete)."""
+    from datasets import Dataset
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        Dataset.from_dict({"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples],
+                           "record": [e.record for e in examples]}).save_to_disk(str(staging / "examples"))
+        (staging / "stats.json").write_text(json.dumps(asdict(stats)))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(staging, folder)
+    except OSError as e:  # a cache that cannot be written costs speed, not correctness
+        log.warning("could not cache tokenized data in %s (%s); continuing without the cache", folder, e)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _load(folder: Path) -> tuple[list[Example], DataStats]:
+    from datasets import load_from_disk
+
+    table = load_from_disk(str(folder / "examples")).data.table
+    columns = {}
+    for name in ("input_ids", "labels"):
+        array = table.column(name).combine_chunks()
+        offsets = array.offsets.to_numpy()
+        values = array.values.to_numpy()
+        columns[name] = [values[offsets[n]:offsets[n + 1]] for n in range(len(array))]
+    records = table.column("record").to_pylist()
+    examples = [Example(ids, labels, record)
+                for ids, labels, record in zip(columns["input_ids"], columns["labels"], records, strict=True)]
+    return examples, DataStats(**json.loads((folder / "stats.json").read_text()))

@@ -1,0 +1,189 @@
+"""Rendering one record of each data format into text segments, each marked trained or not.
+
+A sample is a list of segments `(text, trained)`. Segments are tokenized separately and concatenated, so the
+boundary between prompt and response falls exactly between two tokens whatever the tokenizer; masking is
+decided per segment, never by searching the text for a response marker.
+
+Chat conversations are rendered by the chat template itself: for each assistant turn k, the template's
+rendering of messages[:k] with the generation prompt is what the model sees before answering, and its
+rendering of messages[:k+1] is that plus the answer. The difference is the trained segment: the assistant's
+text and whatever end-of-turn marker the template writes, so the model learns to stop.
+"""
+
+from __future__ import annotations
+
+from qlora.config import ColumnsConfig, DataConfig, DataFormat, RolesConfig
+from qlora.errors import QloraError
+
+Segment = tuple[str, bool]
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    "\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request."
+    "\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+
+# Built-in chat templates for tokenizers that ship none (data.chat_template=NAME).
+CHAT_TEMPLATES = {
+    # ChatML (OpenAI, Qwen): <|im_start|>role\ncontent<|im_end|>\n
+    "chatml": (
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    ),
+    # Llama 3 instruct: header tokens around the role, <|eot_id|> after each turn.
+    "llama3": (
+        "{{ bos_token }}"
+        "{% for message in messages %}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
+        " + '<|eot_id|>' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+    ),
+}
+
+
+class RecordError(ValueError):
+    """What is wrong with one record (the caller adds which file and row)."""
+
+
+def alpaca_prompt(instruction: str, input: str = "") -> str:
+    """The Stanford Alpaca prompt for an instruction (and optional input), ending where the response starts."""
+    if input:
+        return ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
+    return ALPACA_PROMPT.format(instruction=instruction)
+
+
+def resolve_chat_template(cfg: DataConfig, tokenizer) -> str | None:
+    """The Jinja chat template that data.chat_template selects, or None for formats other than chat."""
+    if cfg.format != DataFormat.chat:
+        return None
+    choice = cfg.chat_template
+    if choice is None:
+        if not isinstance(tokenizer.chat_template, str) or not tokenizer.chat_template:
+            raise QloraError(f"the tokenizer {tokenizer.name_or_path or ''} has no chat template; set "
+                              f"data.chat_template to one of {', '.join(CHAT_TEMPLATES)} or to a Jinja template")
+        return tokenizer.chat_template
+    if choice in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[choice]
+    if "{{" in choice or "{%" in choice:
+        return choice
+    raise QloraError(f"data.chat_template={choice} is neither a built-in template ({', '.join(CHAT_TEMPLATES)}) "
+                      "nor a Jinja template")
+
+
+def render(record: dict, cfg: DataConfig, tokenizer, template: str | None) -> list[Segment]:
+    """The record as segments, or RecordError naming the field at fault."""
+    if cfg.format == DataFormat.alpaca:
+        return render_alpaca(record, cfg.columns)
+    if cfg.format == DataFormat.chat:
+        return render_chat(messages(record, cfg.columns, cfg.roles), tokenizer, template)
+    return [(_text(record, cfg.columns.text), True)]
+
+
+def render_alpaca(record: dict, columns: ColumnsConfig) -> list[Segment]:
+    instruction = _text(record, columns.instruction)
+    output = _text(record, columns.output)
+    context = record.get(columns.input)
+    if context is not None and not isinstance(context, str):
+        raise RecordError(f"'{columns.input}' is a {type(context).__name__}, expected text")
+    return [(alpaca_prompt(instruction, context or ""), False), (output, True)]
+
+
+def messages(record: dict, columns: ColumnsConfig, roles: RolesConfig) -> list[dict]:
+    """The record's conversation as [{role, content}] with roles system / user / assistant.
+
+    Messages after the last assistant turn are left out: nothing after it is trained.
+    """
+    field = columns.messages or next((k for k in ("messages", "conversations") if k in record), None)
+    if field is None or field not in record:
+        raise RecordError(f"no '{columns.messages or 'messages'}' (or 'conversations') field")
+    turns = _maybe_json(record[field])
+    if not isinstance(turns, list) or not turns:
+        raise RecordError(f"'{field}' must be a non-empty list of messages")
+    by_name = {name: role for role, names in vars(roles).items() for name in names}
+    normalised = []
+    for n, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise RecordError(f"'{field}'[{n}] is a {type(turn).__name__}, expected a message object")
+        role_key = columns.role or ("role" if "role" in turn else "from")
+        content_key = columns.content or ("content" if "content" in turn else "value")
+        name = turn.get(role_key)
+        if name not in by_name:
+            raise RecordError(f"'{field}'[{n}].{role_key} is {name!r}, not a known speaker ({', '.join(by_name)}); "
+                              "add it to data.roles.user / assistant / system")
+        content = turn.get(content_key)
+        if not isinstance(content, str) or (not content.strip() and by_name[name] != "system"):
+            raise RecordError(f"'{field}'[{n}].{content_key} is missing or empty")
+        normalised.append({"role": by_name[name], "content": content})
+    last = max((n for n, m in enumerate(normalised) if m["role"] == "assistant"), default=None)
+    if last is None:
+        raise RecordError(f"'{field}' has no assistant turn, so nothing would be trained")
+    return normalised[:last + 1]
+
+
+def render_chat(conversation: list[dict], tokenizer, template: str) -> list[Segment]:
+    """Segments of a conversation as its chat template renders it; every assistant turn is trained."""
+
+    def apply(turns: list[dict], generation_prompt: bool) -> str:
+        try:
+            return tokenizer.apply_chat_template(turns, chat_template=template, tokenize=False,
+                                                 add_generation_prompt=generation_prompt)
+        except Exception as e:  # jinja2 errors, and templates that raise on purpose (e.g. no system role)
+            raise RecordError(f"the chat template failed on this conversation ({type(e).__name__}: {e})") from e
+
+    full = apply(conversation, False)
+    segments, done = [], 0
+    for k, message in enumerate(conversation):
+        if message["role"] != "assistant":
+            continue
+        before = apply(conversation[:k], True) if k else _generation_prompt_only(apply)
+        after = apply(conversation[:k + 1], False)
+        if not (after.startswith(before) and full.startswith(after) and len(before) >= done):
+            raise RecordError("the chat template renders earlier turns differently once later turns follow, so "
+                              "turns cannot be masked exactly; use a template that renders each turn once")
+        answer = after[len(before):]
+        if message["content"].strip() not in answer:
+            raise RecordError("the chat template renders no assistant turn (the assistant's text does not appear "
+                              "after the generation prompt); check data.chat_template")
+        segments += [(full[done:len(before)], False), (answer, True)]
+        done = len(after)
+    if done < len(full):
+        segments.append((full[done:], False))
+    return [(text, trained) for text, trained in segments if text]
+
+
+def _generation_prompt_only(apply) -> str:
+    # A conversation that opens with the assistant: the template's prefix for an empty history, where it has one.
+    try:
+        return apply([], True)
+    except RecordError:
+        return ""
+
+
+def _text(record: dict, key: str) -> str:
+    value = record.get(key)
+    if value is None:
+        raise RecordError(f"'{key}' is missing")
+    if not isinstance(value, str):
+        raise RecordError(f"'{key}' is a {type(value).__name__}, expected text")
+    if not value.strip():
+        raise RecordError(f"'{key}' is empty")
+    return value
+
+
+def _maybe_json(value):
+    # csv files carry conversations as JSON strings
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        import json
+
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
