@@ -221,7 +221,9 @@ class DataConfig:
     """Pack several samples into each sequence (no padding waste); position ids restart per sample and
     attention never crosses samples."""
     group_by_length: bool = True
-    """Without packing: batch samples of similar length together (less padding), in a seeded random order."""
+    """Without packing: batch samples of similar length together (less padding), in a seeded random order.
+    Sorting makes each batch less varied; on a dataset of a few hundred samples, or samples of equal length,
+    turn it off."""
     cache: bool = True
     """Keep tokenized data under cache_dir/tokenized, keyed on the data file, tokenizer, template and these
     settings, so a second run starts immediately."""
