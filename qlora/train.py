@@ -1,6 +1,7 @@
 """The QLoRA fine-tuning recipe: one function that reads top to bottom, and the loop it owns.
 
-config -> validate -> load + quantize base -> attach LoRA -> data -> optimizer -> loop -> save.
+config -> validate -> tokenizer -> data -> load + quantize base -> attach LoRA -> optimizer -> loop -> save.
+Data comes before the weights so that a bad record stops the run before minutes of loading.
 """
 
 from __future__ import annotations
@@ -76,9 +77,21 @@ def run(config: Config) -> RunResult:
     log.info("qlora run -> %s (device %s, compute dtype %s, mixed precision %s)", out, device,
              _name(compute_dtype(config.quant, device)), accelerator.mixed_precision)
 
-    # Base model, quantized and frozen
+    # Tokenizer (and whatever the demo generates)
     demo.prepare_assets(config.model, config.data)
     tokenizer = load_tokenizer(config.model)
+
+    # Data: tokenized (or read from the cache) and checked before any weights load
+    qdata.use_chat_template(config.data, tokenizer)
+    data = qdata.load(config.data, tokenizer, config.train.seq_len, config.seed, Path(config.cache_dir).expanduser())
+    log.info("data %s (%s): %s; %d train / %d eval sequences%s", config.data.path, config.data.format.value,
+             data.stats.describe(config.train.seq_len), len(data.train), len(data.eval),
+             ", packed" if config.data.packing else "")
+    train_loader, eval_loader = qdata.loaders(data, config.data, config.train.micro_batch_size,
+                                              config.train.seq_len, tokenizer.pad_token_id, config.seed,
+                                              config.train.num_workers)
+
+    # Base model, quantized and frozen
     t0 = time.perf_counter()
     model = load_base_model(config.model, config.quant, device)
     _log_base(model, config, time.perf_counter() - t0)
@@ -93,16 +106,6 @@ def run(config: Config) -> RunResult:
 
     # LoRA
     model = attach_lora(model, config.lora)
-
-    # Data
-    qdata.use_chat_template(config.data, tokenizer)
-    data = qdata.load(config.data, tokenizer, config.train.seq_len, config.seed, Path(config.cache_dir).expanduser())
-    log.info("data %s (%s): %s; %d train / %d eval sequences%s", config.data.path, config.data.format.value,
-             data.stats.describe(config.train.seq_len), len(data.train), len(data.eval),
-             ", packed" if config.data.packing else "")
-    train_loader, eval_loader = qdata.loaders(data, config.data, config.train.micro_batch_size,
-                                              config.train.seq_len, tokenizer.pad_token_id, config.seed,
-                                              config.train.num_workers)
     if config.data.packing:
         check_packed_attention(model, qdata.first_batch(train_loader), device)
 
