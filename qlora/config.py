@@ -305,6 +305,14 @@ class Config:
     """Where generated demo assets (tiny model, dataset) are kept. Default $QLORA_CACHE, else ~/.cache/qlora."""
 
 
+DATA_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+
+
+def is_data_file(path: str) -> bool:
+    """Whether data.path names a local file (by suffix or a path-like start) rather than a hub dataset id."""
+    return Path(path).suffix in DATA_FILE_SUFFIXES or path.startswith(("/", ".", "~"))
+
+
 def builds_scratch_model(cfg: ModelConfig) -> bool:
     """Whether the model is (to be) built from `cfg.scratch` rather than loaded as given."""
     return cfg.scratch is not None and cfg.name_or_path == cfg.scratch.path
@@ -368,9 +376,7 @@ def validate(cfg: Config) -> None:
     if cfg.data.eval_path is not None:
         data_files.append(("data.eval_path", cfg.data.eval_path))
     for key, path in data_files:
-        local = Path(path).expanduser()
-        looks_local = local.suffix in {".json", ".jsonl", ".csv", ".parquet"} or path.startswith(("/", "."))
-        need(not looks_local or local.is_file(),
+        need(not is_data_file(path) or Path(path).expanduser().is_file(),
              f"{key}: {path} does not exist; give a json/jsonl/csv/parquet file or a hub dataset id")
     if problems:
         raise ConfigError(problems)

@@ -60,17 +60,26 @@ def load(cfg: DataConfig, tokenizer, seq_len: int, seed: int, cache_dir: Path | 
     template = resolve_chat_template(cfg, tokenizer)
     cache = cache_dir / "tokenized" if cfg.cache and cache_dir is not None else None
     examples, stats = encode_source(cfg.path, cfg, tokenizer, template, seq_len, cache)
-    if stats.skipped:
-        log.warning("data %s: skipped %d invalid records (data.on_invalid=skip): %s%s", cfg.path, stats.skipped,
-                    "; ".join(stats.skipped_why), "; ..." if stats.skipped > len(stats.skipped_why) else "")
+    _report(cfg.path, stats)
     if cfg.eval_path is not None:
-        held_out, _ = encode_source(cfg.eval_path, cfg, tokenizer, template, seq_len, cache)
+        held_out, eval_stats = encode_source(cfg.eval_path, cfg, tokenizer, template, seq_len, cache)
+        _report(cfg.eval_path, eval_stats)
         train = examples
     else:
         train, held_out = split_by_record(examples, stats.records, cfg.eval_fraction, seed)
     if tokenizer.pad_token_id == tokenizer.eos_token_id:
         log.info("pad token is the EOS token; padding is masked by position, so every EOS stays trained")
     return TokenizedData(train, held_out, stats)
+
+
+def _report(path: str, stats: DataStats) -> None:
+    # Said on every run, cached or not: skipped records are never silent.
+    if stats.unknown_tokens > 0.01 * stats.tokens:
+        log.warning("data %s: %.0f%% of tokens are the tokenizer's unknown token; is this the right tokenizer "
+                    "for this data?", path, 100 * stats.unknown_tokens / stats.tokens)
+    if stats.skipped:
+        log.warning("data %s: skipped %d invalid records (data.on_invalid=skip): %s%s", path, stats.skipped,
+                    "; ".join(stats.skipped_why), "; ..." if stats.skipped > len(stats.skipped_why) else "")
 
 
 def loaders(data: TokenizedData, cfg: DataConfig, micro_batch_size: int, seq_len: int, pad_id: int, seed: int,

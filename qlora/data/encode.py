@@ -26,7 +26,7 @@ from qlora.errors import QloraError
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-ENCODING_VERSION = "1"  # bump when the encoding below changes, so cached tokens are never reused across versions
+ENCODING_VERSION = "2"  # bump when the encoding below changes, so cached tokens are never reused across versions
 
 
 @dataclass
@@ -61,6 +61,8 @@ class DataStats:
     """Sequences produced (text documents longer than seq_len give several)."""
     tokens: int
     trained_tokens: int
+    unknown_tokens: int
+    """Tokens that are the tokenizer's unknown token (a wrong tokenizer for the data shows here)."""
 
     def describe(self, seq_len: int) -> str:
         skipped = f"{self.skipped} invalid skipped, " if self.skipped else ""
@@ -152,9 +154,10 @@ def encode(source: Source, cfg: DataConfig, tokenizer, template: str | None,
     tokens = sum(len(e) for e in examples)
     trained_tokens = sum(int((e.labels[1:] != IGNORE_INDEX).sum()) for e in examples)
     why = [f"{source.where(i)}: {message}" for i, message in problems[:10]]
+    unk = tokenizer.unk_token_id
+    unknown = sum(int((e.input_ids == unk).sum()) for e in examples) if unk is not None else 0
     stats = DataStats(len(source.rows), kept, len(problems), why, truncated, dropped, len(examples), tokens,
-                      trained_tokens)
-    _warn_unknown_tokens(examples, tokenizer, source.name)
+                      trained_tokens, unknown)
     return examples, stats
 
 
@@ -196,17 +199,6 @@ def _raise_problems(source: Source, problems: list[tuple[int, str]], fix: str) -
         others = ", ".join(source.where(j) for j, _ in problems[1:6])
         more = f" (and {len(problems) - 1} more: {others}{', ...' if len(problems) > 6 else ''})"
     raise QloraError(f"{source.name} {source.where(i)}: {message}{more}; {fix}")
-
-
-def _warn_unknown_tokens(examples: list[Example], tokenizer, name: str) -> None:
-    unk = tokenizer.unk_token_id
-    if unk is None:
-        return
-    total = sum(len(e) for e in examples)
-    unknown = sum(int((e.input_ids == unk).sum()) for e in examples)
-    if unknown > 0.01 * total:
-        log.warning("data %s: %.0f%% of tokens are unknown to the tokenizer (%s); is this the right tokenizer "
-                    "for this data?", name, 100 * unknown / total, tokenizer.unk_token)
 
 
 def _store(folder: Path, examples: list[Example], stats: DataStats) -> None:

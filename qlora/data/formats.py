@@ -12,6 +12,8 @@ text and whatever end-of-turn marker the template writes, so the model learns to
 
 from __future__ import annotations
 
+import json
+
 from qlora.config import ColumnsConfig, DataConfig, DataFormat, RolesConfig
 from qlora.errors import QloraError
 
@@ -180,8 +182,6 @@ def _text(record: dict, key: str) -> str:
 def _maybe_json(value):
     # csv files carry conversations as JSON strings
     if isinstance(value, str) and value.lstrip().startswith("["):
-        import json
-
         try:
             return json.loads(value)
         except json.JSONDecodeError:

@@ -7,9 +7,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from qlora.config import is_data_file
 from qlora.errors import QloraError
-
-LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 
 
 @dataclass
@@ -27,13 +26,9 @@ class Source:
         return f"line {self.lines[i]}" if self.lines is not None else f"record {i + 1}"
 
 
-def is_local(path: str) -> bool:
-    return Path(path).suffix in LOCAL_SUFFIXES or path.startswith(("/", ".", "~"))
-
-
 def fingerprint(path: str, split: str) -> str:
     """A digest of the data's content (local files) or of datasets' own fingerprint (hub datasets)."""
-    if is_local(path):
+    if is_data_file(path):
         digest = hashlib.sha256()
         with open(_existing(path), "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
@@ -44,7 +39,7 @@ def fingerprint(path: str, split: str) -> str:
 
 def read_source(path: str, split: str) -> Source:
     """Every record of the file or hub dataset at `path`, as dicts."""
-    if not is_local(path):
+    if not is_data_file(path):
         return Source(path, [dict(row) for row in _load_hub(path, split)])
     local = _existing(path)
     if local.suffix in (".json", ".jsonl"):
