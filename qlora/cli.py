@@ -8,7 +8,6 @@ loaded. Then Hydra runs the job as usual: `--cfg job`, `-m` and every other Hydr
 from __future__ import annotations
 
 import logging
-import shutil
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ commands:
                       without loading the model: qlora data preview recipe=NAME
   recipes             list the recipes with what each is for
 
-Errors are one line each; set QLORA_DEBUG=1 for the traceback.
+Errors are one line each; pass debug=true (or set QLORA_DEBUG=1) for the traceback.
 """
 
 
@@ -82,7 +81,7 @@ def data_preview(args: list[str]) -> int:
                               Path(config.cache_dir).expanduser())
         preview(config, tokenizer, tokenized, options.samples)
     except QloraError as e:
-        return _report(e)
+        return _report(e, _debug(options.overrides))
     except BrokenPipeError:  # the reader stopped early (`| head`): not an error
         import os
 
@@ -96,19 +95,23 @@ def train(args: list[str]) -> int:
     try:
         extra = _preflight(args)
     except QloraError as e:
-        return _report(e)
+        return _report(e, _debug(args))
     return _hydra_train([*args, *extra])
 
 
 def _preflight(args: list[str]) -> list[str]:
     """Compose and validate every run the arguments describe, and clear the way for the output folder.
 
-    Returns extra Hydra overrides: for a sweep, name each job's folder after the swept keys alone.
+    Returns extra Hydra overrides: for a sweep, name each job's folder after the swept keys alone; for
+    resume=PATH without an output_dir, continue in the run folder that holds the checkpoint.
     """
     from hydra._internal.utils import get_args_parser  # Hydra's own command-line grammar
 
-    from qlora.composition import check_output_dir, compose_config, expand_sweeps, parse_overrides
+    from qlora import checkpoint
+    from qlora.composition import compose_config, expand_sweeps, parse_overrides
     from qlora.config import validate
+    from qlora.errors import ConfigError
+    from qlora.runfolder import check_output_dir
 
     parsed = get_args_parser().parse_args(args)
     if parsed.help or parsed.hydra_help or parsed.info or parsed.shell_completion:
@@ -116,16 +119,20 @@ def _preflight(args: list[str]) -> list[str]:
     overrides = parse_overrides(parsed.overrides)
     fixed = [o.key_or_group for o in overrides if not o.is_sweep_override()]
     runs = expand_sweeps(overrides) if parsed.multirun else [parsed.overrides]
+    extra = []
     for run in runs:
         config = compose_config(run)
         if parsed.cfg:  # printing the config: types and keys checked above, nothing will run
             continue
         validate(config)
+        if config.resume is not None and "output_dir" not in fixed:
+            if config.resume == "auto":
+                raise ConfigError("resume=auto continues the run in output_dir; give output_dir=RUN_FOLDER too")
+            config.output_dir = str(checkpoint.run_dir_of(checkpoint.resolve_path(config.resume)))
+            extra = [f"output_dir={config.output_dir}"]
         check_output_dir(config)
-        if config.overwrite and Path(config.output_dir).is_dir():
-            shutil.rmtree(config.output_dir)
     if not parsed.multirun:
-        return []
+        return extra
     return [f"hydra.job.config.override_dirname.exclude_keys=[{','.join(['output_dir', 'overwrite', *fixed])}]"]
 
 
@@ -147,15 +154,29 @@ def _job(cfg) -> None:
     from qlora.composition import to_config
     from qlora.errors import QloraError
 
+    out = Path(HydraConfig.get().runtime.output_dir)  # a sweep gives each job its own folder
+    debug = bool(cfg.get("debug"))
     try:
         config = to_config(cfg)
-        config.output_dir = HydraConfig.get().runtime.output_dir  # a sweep gives each job its own folder
+        config.output_dir = str(out)
         _quiet_libraries()
         from qlora.train import run
 
         run(config)
     except QloraError as e:
-        sys.exit(_report(e))
+        _remove_if_empty(out)  # Hydra made it; the run never started
+        sys.exit(_report(e, debug))
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        _remove_if_empty(out)
+        print("qlora: interrupted before training started; nothing was saved", file=sys.stderr)
+        sys.exit(130)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def _quiet_libraries() -> None:
@@ -176,12 +197,17 @@ def _quiet_libraries() -> None:
     datasets.disable_progress_bars()
 
 
-def _report(e: Exception) -> int:
+def _debug(args: list[str]) -> bool:
+    """debug=true among the overrides (read before the config can be composed, which may be what fails)."""
+    return any(a.replace(" ", "").lower() in ("debug=true", "debug=1") for a in args)
+
+
+def _report(e: Exception, debug: bool = False) -> int:
     import os
 
     from qlora.errors import QloraError
 
-    if os.environ.get("QLORA_DEBUG"):
+    if debug or os.environ.get("QLORA_DEBUG"):
         raise e
     for line in str(e).splitlines() or [type(e).__name__]:
         print(f"qlora: {line}", file=sys.stderr)

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from qlora.config import Config
-from qlora.errors import ConfigError, QloraError
+from qlora.errors import ConfigError
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -161,15 +161,3 @@ def schema_keys(dotted: str) -> list[str]:
         hints = typing.get_type_hints(node)
         node = next((a for a in typing.get_args(hints[part]) if dataclasses.is_dataclass(a)), hints[part])
     return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
-
-
-def check_output_dir(config: Config) -> None:
-    """Refuse to start in a folder that already holds something, unless `overwrite=true`."""
-    out = Path(config.output_dir)
-    if out.exists() and not out.is_dir():
-        raise QloraError(f"output_dir {out} is a file; choose a folder path for output_dir")
-    if out.is_dir() and any(out.iterdir()) and not config.overwrite:
-        what = "a finished run" if (out / "adapter").is_dir() else "files"
-        raise QloraError(
-            f"output_dir {out} already holds {what}; choose another output_dir or pass overwrite=true to replace it"
-        )

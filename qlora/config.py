@@ -66,6 +66,13 @@ class OnInvalid(str, Enum):
     skip = "skip"
 
 
+class OnNonFinite(str, Enum):
+    """What happens when a training step's loss (or gradient norm) is NaN or infinite."""
+
+    stop = "stop"
+    skip = "skip"
+
+
 class ScratchTokenizer(str, Enum):
     demo = "demo"
     bpe = "bpe"
@@ -285,6 +292,14 @@ class TrainConfig:
     """Show a progress bar when attached to a terminal."""
     tensorboard: bool = True
     """Also log metrics to TensorBoard under output_dir/tb."""
+    save_every_steps: int = 200
+    """Write a checkpoint (adapter, optimizer, scheduler, RNG states, data position) every N optimizer steps;
+    one is also written at the end and on SIGINT / SIGTERM. 0: only those."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep (older ones go once a newer one is complete); 0 keeps all."""
+    on_nonfinite_loss: OnNonFinite = OnNonFinite.stop
+    """A NaN or inf loss or gradient norm: stop (naming the step and the last good checkpoint), or skip that
+    update (the run still stops after 10 such steps in a row)."""
 
 
 @dataclass
@@ -303,6 +318,13 @@ class Config:
     """Replace a run already in output_dir (otherwise such a run is never touched)."""
     cache_dir: str = "???"
     """Where generated demo assets (tiny model, dataset) are kept. Default $QLORA_CACHE, else ~/.cache/qlora."""
+    resume: str | None = None
+    """auto: continue from the newest complete checkpoint in output_dir (start fresh if there is none); or the
+    path of a checkpoint (or of a run folder, meaning its newest checkpoint) to continue from."""
+    force_resume: bool = False
+    """Resume even though the config differs from the checkpoint's in keys that change the result."""
+    debug: bool = False
+    """Show the traceback of an error instead of its one-line message."""
 
 
 DATA_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
@@ -339,7 +361,8 @@ def validate(cfg: Config) -> None:
     for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "seq_len"):
         value = getattr(cfg.train, key)
         need(value > 0, f"train.{key} must be > 0 (got {value})")
-    for key in ("eval_every_steps", "log_every_steps", "num_workers", "max_new_tokens"):
+    for key in ("eval_every_steps", "log_every_steps", "num_workers", "max_new_tokens", "save_every_steps",
+                "keep_checkpoints"):
         value = getattr(cfg.train, key)
         need(value >= 0, f"train.{key} must be >= 0 (got {value})")
     need(cfg.train.eval_max_batches > 0, f"train.eval_max_batches must be > 0 (got {cfg.train.eval_max_batches})")
@@ -378,5 +401,12 @@ def validate(cfg: Config) -> None:
     for key, path in data_files:
         need(not is_data_file(path) or Path(path).expanduser().is_file(),
              f"{key}: {path} does not exist; give a json/jsonl/csv/parquet file or a hub dataset id")
+    if cfg.resume is not None and cfg.overwrite:
+        problems.append("resume and overwrite=true contradict each other: resume continues the run in output_dir, "
+                        "overwrite replaces it; give one")
+    scratch_positions = scratch.max_position_embeddings if builds_scratch_model(cfg.model) else None
+    if scratch_positions is not None and cfg.train.seq_len > scratch_positions:
+        problems.append(f"train.seq_len={cfg.train.seq_len} is longer than the model's "
+                        f"{scratch_positions} positions (model.scratch.max_position_embeddings); lower train.seq_len")
     if problems:
         raise ConfigError(problems)

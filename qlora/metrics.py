@@ -3,19 +3,32 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 
 class MetricsLog:
-    """Appends rows to `run_dir/metrics.jsonl` (flushed per row) and, optionally, TensorBoard scalars."""
+    """Appends rows to `run_dir/metrics.jsonl` (flushed per row) and, optionally, TensorBoard scalars.
 
-    def __init__(self, run_dir: Path, tensorboard: bool) -> None:
-        self.file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+    A run that continues from step `start` (0 for a fresh one) first drops the rows after it, which a run
+    killed after its last checkpoint left behind, so the file reads as one uninterrupted run. `history`, when
+    given, is the metrics.jsonl those first rows come from (a run resumed into a new folder).
+    """
+
+    def __init__(self, run_dir: Path, tensorboard: bool, start: int = 0, history: Path | None = None) -> None:
+        path = run_dir / "metrics.jsonl"
+        source = history or path
+        kept = [row for row in read_metrics(source.parent) if row["step"] <= start] if start and source.is_file() \
+            else []
+        staging = path.with_name(".metrics.jsonl.tmp")
+        staging.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        os.replace(staging, path)
+        self.file = open(path, "a", encoding="utf-8")
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tb"))
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=start + 1)
 
     def write(self, row: dict) -> None:
         self.file.write(json.dumps(row) + "\n")

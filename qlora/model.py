@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qlora import hub
 from qlora.config import DType, ModelConfig, QuantConfig, QuantMethod
 from qlora.errors import QloraError
 
@@ -44,6 +45,23 @@ def bnb_config(quant: QuantConfig, dtype: torch.dtype):  # -> transformers.BitsA
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=dtype,
     )
+
+
+def check_model_config(cfg: ModelConfig, seq_len: int) -> None:
+    """Read the model's config (not its weights): the model exists, and train.seq_len fits its positions."""
+    from transformers import AutoConfig
+
+    if cfg.trust_remote_code:
+        log.warning("model.trust_remote_code=true: code from %s runs in this process", cfg.name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision,
+                                            trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise QloraError(_not_loadable("model config", cfg.name_or_path, e)) from e
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and seq_len > positions:
+        raise QloraError(f"train.seq_len={seq_len} is longer than {cfg.name_or_path} supports "
+                         f"({positions} positions); lower train.seq_len")
 
 
 def load_tokenizer(cfg: ModelConfig):  # -> transformers.PreTrainedTokenizerBase
@@ -79,7 +97,11 @@ def load_base_model(cfg: ModelConfig, quant: QuantConfig, device: torch.device) 
             dtype=dtype,
             device_map={"": device},
             attn_implementation=cfg.attn_implementation,
+            weights_only=True,  # pickled (.bin) weights load as tensors only; safetensors are preferred anyway
         )
+    except torch.OutOfMemoryError as e:
+        raise QloraError(f"out of {device.type.upper()} memory loading {cfg.name_or_path}; use a smaller model or "
+                         "a GPU with more memory (4-bit needs about 0.55 bytes per parameter plus activations)") from e
     except (OSError, ValueError) as e:  # transformers: OSError for missing files, ValueError for a bad config
         raise QloraError(_not_loadable("model", cfg.name_or_path, e)) from e
     model.requires_grad_(False)
@@ -105,8 +127,7 @@ def _keep_training_layout(model: nn.Module) -> None:
 def _not_loadable(what: str, name: str, e: Exception) -> str:
     if Path(name).expanduser().exists():
         return f"could not load the {what} from {name} ({str(e).splitlines()[0]}); is it a complete HF model folder?"
-    return (f"could not load the {what} '{name}': not a local folder, and the hub could not provide it "
-            f"({str(e).splitlines()[0]}); check the id, your network and HF_TOKEN for gated models")
+    return f"could not load the {what}: {hub.unavailable(name)}"
 
 
 @dataclass

@@ -67,3 +67,28 @@ def lr_lambda(cfg: OptimConfig, max_steps: int):
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, max_steps))
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Restore optimizer state saved by `state_dict()`, keeping paged optimizers paged.
+
+    bitsandbytes' load_state_dict puts the saved moments back as ordinary device tensors, so after a resume a
+    paged optimizer's state would silently stop paging (and hold its full size in GPU memory). Large moment
+    buffers are moved back into paged (CUDA unified) memory, as bitsandbytes allocates them in the first step.
+    """
+    optimizer.load_state_dict(state)
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
+    if not getattr(inner, "is_paged", False):
+        return
+    import bitsandbytes.functional as bnb_f
+
+    for param, values in inner.state.items():
+        if param.device.type != "cuda" or param.numel() < 1e5:  # bitsandbytes pages buffers of 1e5+ elements
+            continue
+        for key in ("state1", "state2"):
+            value = values.get(key)
+            if isinstance(value, torch.Tensor) and not getattr(value, "is_paged", False):
+                paged = bnb_f.get_paged(*value.shape, dtype=value.dtype, device=param.device)
+                paged.copy_(value)
+                inner.page_mng.paged_tensors.append(paged)
+                values[key] = paged

@@ -1,49 +1,58 @@
 """The QLoRA fine-tuning recipe: one function that reads top to bottom, and the loop it owns.
 
-config -> validate -> tokenizer -> data -> load + quantize base -> attach LoRA -> optimizer -> loop -> save.
-Data comes before the weights so that a bad record stops the run before minutes of loading.
+config -> validate -> (checkpoint to resume) -> tokenizer -> data -> load + quantize base -> attach LoRA ->
+optimizer -> (restore) -> commit the run folder -> loop with checkpoints -> save.
+Data comes before the weights so that a bad record stops the run before minutes of loading, and nothing is
+written to output_dir before all of it has worked.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
-import os
-import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
+from accelerate import Accelerator
 
+from qlora import checkpoint, demo, hub, runfolder
 from qlora import data as qdata
-from qlora import demo
-from qlora.config import Config, MixedPrecision, validate
+from qlora.config import Config, MixedPrecision, OnNonFinite, builds_scratch_model, is_data_file, validate
 from qlora.errors import QloraError
 from qlora.lora import attach_lora
 from qlora.metrics import MetricsLog
-from qlora.model import compute_dtype, load_base_model, load_tokenizer, quant_report
-from qlora.optim import build_optimizer, build_scheduler
+from qlora.model import check_model_config, compute_dtype, load_base_model, load_tokenizer, quant_report
+from qlora.optim import build_optimizer, build_scheduler, load_optimizer_state
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class TrainState:
-    """Where the run is: everything the loop advances."""
+    """Where the run is: everything the loop advances, saved in every checkpoint."""
 
     step: int = 0
     """Optimizer steps taken."""
     epoch: int = 0
     """Completed passes over the training data."""
+    batch: int = 0
+    """Micro batches drawn in the current epoch: with the epoch, the exact data position."""
     tokens_seen: int = 0
     """Non-padding tokens consumed (prompt and response)."""
     tokens_trained: int = 0
     """Tokens that carried loss."""
+    first_eval_loss: float | None = None
+    final_eval_loss: float | None = None
+    skipped_steps: int = 0
+    """Updates skipped for a non-finite loss (train.on_nonfinite_loss=skip)."""
 
 
 @dataclass
@@ -52,33 +61,82 @@ class RunResult:
 
     output_dir: Path
     state: TrainState
-    first_eval_loss: float | None
-    final_eval_loss: float | None
     samples: list[dict]
     model: torch.nn.Module
     """The peft model (quantized base + trained adapter)."""
     tokenizer: object
     optimizer: torch.optim.Optimizer
 
+    @property
+    def first_eval_loss(self) -> float | None:
+        return self.state.first_eval_loss
+
+    @property
+    def final_eval_loss(self) -> float | None:
+        return self.state.final_eval_loss
+
+
+@dataclass
+class Training:
+    """What the loop drives, as `run` assembled it."""
+
+    config: Config
+    out: Path
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_loader: torch.utils.data.DataLoader
+    sampler: qdata.LengthGroupedBatches
+    """The train loader's batch sampler, which the data position is set on."""
+    eval_loader: torch.utils.data.DataLoader | None
+    metrics: MetricsLog
+    samples_before: list[str]
+    """Answers to train.sample_prompts before training (kept in checkpoints for the final samples.json)."""
+
+
+class Interrupted(QloraError):
+    """SIGINT / SIGTERM stopped the run after a checkpoint was saved."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
 
 def run(config: Config) -> RunResult:
-    """Fine-tune per `config`, writing the run folder; returns where it went and how it ended."""
-    from accelerate import Accelerator
+    """Fine-tune per `config`, writing the run folder; returns where it went and how it ended.
+
+    With config.resume, continue from a checkpoint instead: the same steps, losses and adapter as a run that
+    was never interrupted (bit for bit on CPU).
+    """
+    validate(config)
+    runfolder.check_output_dir(config)
+    resumed = checkpoint.find(config)
+    state = _state_to_resume(resumed, config)
+    with runfolder.RunLog() as runlog:
+        try:
+            return _run(config, resumed, state, runlog)
+        except QloraError as e:
+            runlog.error(str(e))
+            raise
+
+
+def _run(config: Config, resumed: checkpoint.Checkpoint | None, state: TrainState,
+         runlog: runfolder.RunLog) -> RunResult:
     from accelerate.utils import set_seed
 
-    validate(config)
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
-
     accelerator = Accelerator(mixed_precision=_mixed_precision(config.train.mixed_precision))
     device = accelerator.device
     set_seed(config.seed)
-    log.info("qlora run -> %s (device %s, compute dtype %s, mixed precision %s)", out, device,
-             _name(compute_dtype(config.quant, device)), accelerator.mixed_precision)
+    log.info("qlora run -> %s (device %s, compute dtype %s, mixed precision %s)%s", out, device,
+             _name(compute_dtype(config.quant, device)), accelerator.mixed_precision,
+             f"; resuming from {resumed.path} at step {resumed.step}" if resumed else "")
 
-    # Tokenizer (and whatever the demo generates)
+    # Tokenizer (and whatever the demo generates); hub ids fail fast when there is no network
+    hub.prepare(hub_ids(config))
     demo.prepare_assets(config.model, config.data)
+    check_model_config(config.model, config.train.seq_len)
     tokenizer = load_tokenizer(config.model)
 
     # Data: tokenized (or read from the cache) and checked before any weights load
@@ -90,6 +148,7 @@ def run(config: Config) -> RunResult:
     train_loader, eval_loader = qdata.loaders(data, config.data, config.train.micro_batch_size,
                                               config.train.seq_len, tokenizer.pad_token_id, config.seed,
                                               config.train.num_workers)
+    sampler = train_loader.batch_sampler
 
     # Base model, quantized and frozen
     t0 = time.perf_counter()
@@ -121,14 +180,24 @@ def run(config: Config) -> RunResult:
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
+    if resumed is not None:
+        _restore(resumed, accelerator.unwrap_model(model), optimizer, scheduler)
 
     prompts = [qdata.prompt_ids(p, config.data, tokenizer) for p in config.train.sample_prompts]
-    before = generate(model, tokenizer, prompts, config.train.max_new_tokens, device)
+    before = resumed.state.get("samples_before", []) if resumed else []
+    if len(before) != len(prompts):  # a fresh run, or the sample prompts changed since the checkpoint
+        before = generate(model, tokenizer, prompts, config.train.max_new_tokens, device)
 
-    metrics = MetricsLog(out, config.train.tensorboard)
+    # Everything checked: from here on, output_dir holds this run
+    _commit(config, resumed, tokenizer, runlog, accelerator)
+    metrics = MetricsLog(out, config.train.tensorboard, start=state.step,
+                         history=None if resumed is None else checkpoint.run_dir_of(resumed.path) / "metrics.jsonl")
+    training = Training(config, out, accelerator, model, optimizer, scheduler, train_loader, sampler, eval_loader,
+                        metrics, before)
     try:
-        state, first_eval, final_eval = train_loop(model, optimizer, scheduler, train_loader, eval_loader,
-                                                   accelerator, metrics, config)
+        if resumed is not None:
+            checkpoint.set_rng_state(resumed.rng)  # last: what the uninterrupted run would draw next
+        train_loop(training, state)
     finally:
         metrics.close()
 
@@ -136,84 +205,230 @@ def run(config: Config) -> RunResult:
     samples = [{"prompt": p, "before": b, "after": a}
                for p, b, a in zip(config.train.sample_prompts, before, after, strict=True)]
     if accelerator.is_main_process:
-        _save_atomic(out / "adapter", accelerator.unwrap_model(model).save_pretrained)
-        _save_atomic(out / "tokenizer", tokenizer.save_pretrained)
-        if samples:
-            (out / "samples.json").write_text(json.dumps(samples, indent=2) + "\n")
-        (out / "summary.json").write_text(json.dumps({
-            **asdict(state), "first_eval_loss": first_eval, "final_eval_loss": final_eval}, indent=2) + "\n")
+        _save_results(out, accelerator.unwrap_model(model), samples, state)
     for s in samples:
         log.info("sample: %s\n  before: %s\n  after:  %s", s["prompt"], s["before"] or "(nothing)", s["after"])
-    if first_eval is not None and final_eval is not None:
-        log.info("eval loss %.4f -> %.4f (perplexity %.2f -> %.2f)", first_eval, final_eval,
-                 math.exp(min(first_eval, 50)), math.exp(min(final_eval, 50)))
+    if state.first_eval_loss is not None and state.final_eval_loss is not None:
+        log.info("eval loss %.4f -> %.4f (perplexity %.2f -> %.2f)", state.first_eval_loss, state.final_eval_loss,
+                 math.exp(min(state.first_eval_loss, 50)), math.exp(min(state.final_eval_loss, 50)))
     log.info("saved adapter, tokenizer and config to %s", out)
-    return RunResult(out, state, first_eval, final_eval, samples, accelerator.unwrap_model(model), tokenizer,
-                     optimizer.optimizer)
+    return RunResult(out, state, samples, accelerator.unwrap_model(model), tokenizer, optimizer.optimizer)
 
 
-def train_loop(model, optimizer, scheduler, train_loader, eval_loader, accelerator, metrics: MetricsLog,
-               config: Config) -> tuple[TrainState, float | None, float | None]:
-    """Run `train.max_steps` optimizer steps; returns the final state and the first and last eval loss."""
-    cfg = config.train
-    state = TrainState()
-    batches = _epochs(train_loader, state)
+def hub_ids(config: Config) -> list[str]:
+    """The model and datasets the config names by hub id (not local paths)."""
+    ids = []
+    model = config.model.name_or_path
+    if not builds_scratch_model(config.model) and not Path(model).expanduser().exists():
+        ids.append(model)
+    ids += [p for p in (config.data.path, config.data.eval_path) if p is not None and not is_data_file(p)]
+    return ids
+
+
+def _state_to_resume(resumed: checkpoint.Checkpoint | None, config: Config) -> TrainState:
+    """The checkpoint's TrainState, once its config is known to be compatible; a fresh one without a checkpoint."""
+    if resumed is None:
+        if config.resume == "auto":
+            log.info("resume=auto: no checkpoint in %s; starting from step 0", config.output_dir)
+        return TrainState()
+    changed = checkpoint.differences(resumed.config, config)
+    if changed and not config.force_resume:
+        raise QloraError(f"resume: the config differs from checkpoint {resumed.path}'s in what it computes: "
+                         f"{'; '.join(changed)}. Resume with the checkpoint's values, or pass force_resume=true")
+    if changed:
+        log.warning("force_resume=true: continuing %s with a different config: %s", resumed.path, "; ".join(changed))
+    if resumed.step >= config.train.max_steps and checkpoint.is_finished(checkpoint.run_dir_of(resumed.path)):
+        raise QloraError(f"the run in {checkpoint.run_dir_of(resumed.path)} already finished {resumed.step} steps; "
+                         f"raise train.max_steps above {resumed.step} to train it further")
+    saved_max = resumed.config.get("train", {}).get("max_steps")
+    if saved_max != config.train.max_steps:
+        log.info("train.max_steps %s -> %d: the learning-rate schedule is stretched from step %d on", saved_max,
+                 config.train.max_steps, resumed.step)
+    fields = {f.name for f in dataclasses.fields(TrainState)}
+    return TrainState(**{k: v for k, v in resumed.state.items() if k in fields})
+
+
+def _restore(resumed: checkpoint.Checkpoint, model, optimizer, scheduler) -> None:
+    """Put the checkpoint's adapter weights, optimizer and schedule state into the freshly built run."""
+    from peft import set_peft_model_state_dict
+
+    try:
+        loaded = set_peft_model_state_dict(model, resumed.adapter)
+        missing = [k for k in loaded.missing_keys if "lora_" in k or "modules_to_save" in k]
+        if loaded.unexpected_keys or missing:
+            raise ValueError(f"{len(loaded.unexpected_keys)} unexpected and {len(missing)} missing adapter tensors")
+        load_optimizer_state(optimizer, resumed.optimizer)
+        scheduler.load_state_dict(resumed.scheduler)
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise QloraError(f"checkpoint {resumed.path} does not fit this model ({str(e).splitlines()[0]}); resume "
+                         "with the config that wrote it") from e
+
+
+def _commit(config: Config, resumed, tokenizer, runlog: runfolder.RunLog, accelerator) -> None:
+    """Take over output_dir: the run passed every check, so an old run may now be replaced."""
+    out = Path(config.output_dir)
+    if not accelerator.is_main_process:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    if config.overwrite:
+        runfolder.clear(out)
+    checkpoint.remove_partial(out)
+    runfolder.write_text_atomic(out / "config.yaml", runfolder.config_yaml(config))
+    checkpoint.write_atomic(out / "tokenizer", lambda folder: tokenizer.save_pretrained(str(folder)))
+    runlog.commit(out / "train.log")
+
+
+def save_checkpoint(training: Training, state: TrainState) -> Path:
+    """Checkpoint the run at `state` (atomically); returns its folder."""
+    def write(folder: Path) -> None:
+        training.accelerator.unwrap_model(training.model).save_pretrained(str(folder / "adapter"))
+        torch.save(training.optimizer.state_dict(), folder / "optimizer.pt")
+        torch.save(training.scheduler.state_dict(), folder / "scheduler.pt")
+        torch.save(checkpoint.rng_state(), folder / "rng.pt")
+        (folder / "state.json").write_text(json.dumps(
+            {**asdict(state), "samples_before": training.samples_before}, indent=2) + "\n")
+        (folder / "config.yaml").write_text(runfolder.config_yaml(training.config))
+
+    path = checkpoint.save(training.out, state.step, write, training.config.train.keep_checkpoints)
+    log.info("step %d: checkpoint %s", state.step, path)
+    return path
+
+
+def _save_results(out: Path, model, samples: list[dict], state: TrainState) -> None:
+    newest = checkpoint.complete_checkpoints(out)[-1]
+    try:
+        checkpoint.write_atomic(out / "adapter", lambda folder: model.save_pretrained(str(folder)))
+        if samples:
+            runfolder.write_text_atomic(out / "samples.json", json.dumps(samples, indent=2) + "\n")
+        runfolder.write_text_atomic(out / "summary.json", json.dumps(asdict(state), indent=2) + "\n")
+    except OSError as e:
+        raise QloraError(checkpoint.no_space_message(e, f"the adapter to {out}",
+                                                     f"checkpoint {newest} holds the trained weights")) from e
+
+
+def train_loop(training: Training, state: TrainState) -> None:
+    """Run optimizer steps from `state` up to train.max_steps, checkpointing as configured.
+
+    Stops early, after checkpointing, on SIGINT / SIGTERM (raising Interrupted), and on a non-finite loss
+    (raising QloraError) unless train.on_nonfinite_loss=skip.
+    """
+    cfg, config, accelerator, model = training.config.train, training.config, training.accelerator, training.model
+    batches = _batches(training.train_loader, training.sampler, state)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    evaluate_now = eval_loader is not None and cfg.eval_every_steps > 0
-    first_eval = final_eval = None
-    if evaluate_now:
-        with accelerator.autocast():
-            first_eval = final_eval = evaluate(model, eval_loader, cfg.eval_max_batches)
-        metrics.write({"step": 0, "eval_loss": first_eval})
-    progress = _progress_bar(cfg, accelerator)
+    evaluate_now = training.eval_loader is not None and cfg.eval_every_steps > 0
+    if evaluate_now and state.step == 0:
+        state.first_eval_loss = state.final_eval_loss = _evaluate(training)
+        training.metrics.write({"step": 0, "eval_loss": state.first_eval_loss})
+    progress = _progress_bar(cfg, accelerator, state.step)
     window_start, window_tokens = time.perf_counter(), 0
+    nonfinite_in_a_row = 0
+    saved_at = state.step if state.step > 0 else None  # a resumed run starts on a checkpoint
     model.train()
-    while state.step < cfg.max_steps:
-        # One optimizer step: fetch its micro batches first, so each one's loss is weighted by its share of
-        # the step's trained tokens (a plain mean of micro-batch means over-weights short sequences).
-        micro = [next(batches) for _ in range(cfg.grad_accum_steps)]
-        n_trained = sum(int((b["labels"][:, 1:] != qdata.IGNORE_INDEX).sum()) for b in micro)
-        n_seen = sum(int(b["attention_mask"].sum()) for b in micro)
-        loss_sum = torch.zeros((), device=accelerator.device)
-        for i, batch in enumerate(micro):
-            sync = i == len(micro) - 1
-            with _maybe_no_sync(accelerator, model, sync), accelerator.autocast():
-                logits = model(**qdata.model_inputs(batch)).logits
-                loss = token_loss_sum(logits, batch["labels"])
-                accelerator.backward(loss / max(n_trained, 1))
-            loss_sum += loss.detach()
-        grad_norm = accelerator.clip_grad_norm_(trainable, config.optim.max_grad_norm) \
-            if config.optim.max_grad_norm > 0 else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        state.tokens_trained += n_trained
-        state.tokens_seen += n_seen
-        window_tokens += n_seen
+    with _StopSignals() as signals:
+        while state.step < cfg.max_steps and signals.received is None:
+            try:
+                loss, n_trained, n_seen, grad_norm = _step(training, batches, trainable)
+            except torch.OutOfMemoryError as e:
+                raise QloraError(_oom_message(config, state.step + 1)) from e
+            finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
+            if finite:
+                training.optimizer.step()
+                nonfinite_in_a_row = 0
+            training.optimizer.zero_grad(set_to_none=True)
+            training.scheduler.step()
+            state.step += 1
+            state.tokens_trained += n_trained
+            state.tokens_seen += n_seen
+            window_tokens += n_seen
+            if not finite:
+                nonfinite_in_a_row += 1
+                state.skipped_steps += 1
+                _handle_nonfinite(training, state, loss, grad_norm, nonfinite_in_a_row)
 
-        last = state.step == cfg.max_steps
-        if cfg.log_every_steps and (state.step % cfg.log_every_steps == 0 or last or state.step == 1):
-            elapsed = time.perf_counter() - window_start
-            row = {"step": state.step, "epoch": state.epoch, "loss": loss_sum.item() / max(n_trained, 1),
-                   "lr": scheduler.get_last_lr()[0], "tokens_per_s": window_tokens / max(elapsed, 1e-9),
-                   "tokens_seen": state.tokens_seen}
-            if grad_norm is not None:
-                row["grad_norm"] = float(grad_norm)
-            if torch.cuda.is_available():
-                row["cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
-            metrics.write(row)
-            progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
-            window_start, window_tokens = time.perf_counter(), 0
-        if evaluate_now and (state.step % cfg.eval_every_steps == 0 or last):
-            with accelerator.autocast():
-                final_eval = evaluate(model, eval_loader, cfg.eval_max_batches)
-            metrics.write({"step": state.step, "eval_loss": final_eval})
-            progress.write(f"step {state.step}: eval loss {final_eval:.4f}")
-            window_start = time.perf_counter()  # eval time is not training throughput
-        progress.update(1)
-    progress.close()
-    return state, first_eval, final_eval
+            last = state.step == cfg.max_steps
+            if cfg.log_every_steps and (state.step % cfg.log_every_steps == 0 or last or state.step == 1):
+                elapsed = time.perf_counter() - window_start
+                row = {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": training.scheduler.get_last_lr()[0],
+                       "tokens_per_s": window_tokens / max(elapsed, 1e-9), "tokens_seen": state.tokens_seen}
+                if grad_norm is not None:
+                    row["grad_norm"] = grad_norm
+                if torch.cuda.is_available():
+                    row["cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                training.metrics.write(row)
+                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+                window_start, window_tokens = time.perf_counter(), 0
+            if evaluate_now and (state.step % cfg.eval_every_steps == 0 or last):
+                state.final_eval_loss = _evaluate(training)
+                training.metrics.write({"step": state.step, "eval_loss": state.final_eval_loss})
+                progress.write(f"step {state.step}: eval loss {state.final_eval_loss:.4f}")
+                window_start = time.perf_counter()  # eval time is not training throughput
+            if last or (cfg.save_every_steps and state.step % cfg.save_every_steps == 0):
+                save_checkpoint(training, state)
+                saved_at = state.step
+                window_start = time.perf_counter()
+            progress.update(1)
+        progress.close()
+        if signals.received is not None and state.step < cfg.max_steps:
+            path = checkpoint.complete_checkpoints(training.out)[-1] if saved_at == state.step \
+                else save_checkpoint(training, state)
+            raise Interrupted(f"stopped by {signal.Signals(signals.received).name} after step {state.step}; "
+                              f"checkpoint {path} saved. Continue with: qlora train output_dir={training.out} "
+                              "resume=auto", signals.received)
+
+
+def _step(training: Training, batches, trainable) -> tuple[float, int, int, float | None]:
+    """Forward and backward over one optimizer step's micro batches, gradients clipped; the optimizer is not
+    stepped. Returns the loss per trained token, trained and seen token counts, and the gradient norm."""
+    config, accelerator, model = training.config, training.accelerator, training.model
+    # Fetch the step's micro batches first, so each one's loss is weighted by its share of the step's trained
+    # tokens (a plain mean of micro-batch means over-weights short sequences).
+    micro = [next(batches) for _ in range(config.train.grad_accum_steps)]
+    n_trained = sum(int((b["labels"][:, 1:] != qdata.IGNORE_INDEX).sum()) for b in micro)
+    n_seen = sum(int(b["attention_mask"].sum()) for b in micro)
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for i, batch in enumerate(micro):
+        with _maybe_no_sync(accelerator, model, sync=i == len(micro) - 1), accelerator.autocast():
+            logits = model(**qdata.model_inputs(batch)).logits
+            loss = token_loss_sum(logits, batch["labels"])
+            accelerator.backward(loss / max(n_trained, 1))
+        loss_sum += loss.detach()
+    grad_norm = None
+    if config.optim.max_grad_norm > 0:
+        grad_norm = float(accelerator.clip_grad_norm_(trainable, config.optim.max_grad_norm))
+    return loss_sum.item() / max(n_trained, 1), n_trained, n_seen, grad_norm
+
+
+def _handle_nonfinite(training: Training, state: TrainState, loss: float, grad_norm: float | None,
+                      in_a_row: int) -> None:
+    """A step whose loss or gradient norm is NaN / inf was not applied: stop, or go on per the config."""
+    what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+    found = checkpoint.complete_checkpoints(training.out)
+    good = f"the last good checkpoint is {found[-1]} (resume=auto continues from it)" if found \
+        else "no checkpoint was written yet"
+    if training.config.train.on_nonfinite_loss == OnNonFinite.stop:
+        raise QloraError(f"{what} at step {state.step}, so training stopped there without applying it; {good}. "
+                         "Lower optim.lr, keep optim.max_grad_norm > 0, or set train.on_nonfinite_loss=skip")
+    log.warning("step %d: %s; update skipped (%d skipped in all)", state.step, what, state.skipped_steps)
+    if in_a_row >= MAX_NONFINITE_IN_A_ROW:
+        raise QloraError(f"{what} at {in_a_row} steps in a row (up to step {state.step}): training has diverged; "
+                         f"{good}. Lower optim.lr")
+
+
+MAX_NONFINITE_IN_A_ROW = 10
+
+
+def _oom_message(config: Config, step: int) -> str:
+    t = config.train
+    advice = [f"train.micro_batch_size={t.micro_batch_size} (raise train.grad_accum_steps to keep the batch)",
+              f"train.seq_len={t.seq_len}"]
+    if not t.gradient_checkpointing:
+        advice.append("or set train.gradient_checkpointing=true")
+    return f"out of GPU memory in training step {step}; lower {', '.join(advice)}"
+
+
+def _evaluate(training: Training) -> float:
+    with training.accelerator.autocast():
+        return evaluate(training.model, training.eval_loader, training.config.train.eval_max_batches)
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -288,11 +503,43 @@ def check_packed_attention(model, batch: dict, device: torch.device) -> None:
                          "or set data.packing=false")
 
 
-def _epochs(loader, state: TrainState):
-    """Batches forever, counting completed epochs in `state`."""
+def _batches(loader, sampler: qdata.LengthGroupedBatches, state: TrainState):
+    """Batches forever from the data position in `state` (epoch, batch), which advances with each one."""
     while True:
-        yield from loader
+        sampler.start_at(state.epoch, state.batch)
+        for batch in loader:
+            state.batch += 1
+            yield batch
         state.epoch += 1
+        state.batch = 0
+
+
+class _StopSignals:
+    """Catch SIGINT / SIGTERM while training: the current step finishes, then the loop checkpoints and stops.
+
+    A second signal acts at once (checkpoints are atomic, so even that loses nothing saved).
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.previous: dict = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._receive) for s in self.SIGNALS}
+        return self
+
+    def _receive(self, signum, frame) -> None:
+        self.received = signum
+        signal.signal(signum, self.previous[signum])
+        log.warning("%s: finishing step, then saving a checkpoint (send it again to stop at once)",
+                    signal.Signals(signum).name)
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def _maybe_no_sync(accelerator, model, sync: bool):
@@ -301,11 +548,12 @@ def _maybe_no_sync(accelerator, model, sync: bool):
     return nullcontext() if sync else accelerator.no_sync(model)
 
 
-def _progress_bar(cfg, accelerator):
+def _progress_bar(cfg, accelerator, start: int):
     from tqdm.auto import tqdm
 
     enabled = cfg.progress and accelerator.is_main_process and sys.stderr.isatty()
-    return tqdm(total=cfg.max_steps, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
+    return tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step", disable=not enabled,
+                dynamic_ncols=True)
 
 
 def _mixed_precision(choice: MixedPrecision) -> str:
@@ -326,21 +574,6 @@ def _log_base(model, config: Config, seconds: float) -> None:
              "+double-quant" if config.quant.double_quant else "", seconds, f"{report.quantized_params:,}",
              report.bits_per_quantized_param, f"{report.other_params:,}", _name(compute_dtype(config.quant,
              model.device)), report.total_bytes / 2**20)
-
-
-def _save_atomic(target: Path, save) -> None:
-    """Write with `save(folder)` into a temporary sibling, then swap it in: never a half-written folder."""
-    staging = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    save(str(staging))
-    for f in staging.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    old = target.with_name(f".{target.name}.old")
-    if target.exists():
-        os.replace(target, old)
-    os.replace(staging, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _name(dtype: torch.dtype) -> str:

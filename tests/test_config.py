@@ -141,10 +141,11 @@ def test_cli_refuses_to_touch_a_previous_run(tmp_path):
     run = tmp_path / "runs" / "a"
     (run / "adapter").mkdir(parents=True)
     (run / "adapter" / "adapter_model.safetensors").write_bytes(b"precious")
+    (run / "summary.json").write_text("{}")
     result = qlora_cli("train", f"output_dir={run}", cwd=tmp_path)
     assert result.returncode == 2
     assert "already holds a finished run" in result.stderr and "overwrite=true" in result.stderr
-    assert sorted(p.name for p in run.iterdir()) == ["adapter"]
+    assert sorted(p.name for p in run.iterdir()) == ["adapter", "summary.json"]
     assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == b"precious"
 
 

@@ -88,13 +88,16 @@ def loaders(data: TokenizedData, cfg: DataConfig, micro_batch_size: int, seq_len
     rows = pack(data.train, seq_len) if cfg.packing else unpacked(data.train)
     sampler = LengthGroupedBatches([sum(len(e) for e in row) for row in rows], micro_batch_size, seed,
                                    group=cfg.group_by_length or cfg.packing)
+    # Each loader draws its workers' base seed from its own generator: from the global one, every new epoch
+    # (and a resume) would shift the dropout masks that follow.
     train = torch.utils.data.DataLoader(rows, batch_sampler=sampler, collate_fn=Collator(pad_id, cfg.packing),
-                                        num_workers=num_workers)
+                                        num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
     if not data.eval:
         return train, None
     eval_rows = unpacked(data.eval)
     evaluation = torch.utils.data.DataLoader(eval_rows, batch_sampler=eval_batches([len(e) for e in data.eval],
-                                             micro_batch_size), collate_fn=Collator(pad_id, packed=False))
+                                             micro_batch_size), collate_fn=Collator(pad_id, packed=False),
+                                             generator=torch.Generator().manual_seed(seed))
     return train, evaluation
 
 

@@ -72,6 +72,12 @@ class LengthGroupedBatches:
         self.group = group
         self.epoch = 0
         """The epoch the next iteration draws (each iteration advances it)."""
+        self.skip = 0
+        """Batches of that epoch the next iteration leaves out (they were trained before a resume)."""
+
+    def start_at(self, epoch: int, batch: int) -> None:
+        """Make the next iteration yield epoch `epoch` from its batch `batch` on."""
+        self.epoch, self.skip = epoch, batch
 
     def batches(self, epoch: int) -> list[list[int]]:
         rng = np.random.default_rng([self.seed, epoch])
@@ -90,8 +96,9 @@ class LengthGroupedBatches:
         return batches
 
     def __iter__(self):
-        epoch, self.epoch = self.epoch, self.epoch + 1
-        yield from self.batches(epoch)
+        epoch, skip = self.epoch, self.skip
+        self.epoch, self.skip = epoch + 1, 0
+        yield from self.batches(epoch)[skip:]
 
     def __len__(self) -> int:
         return max(1, len(self.lengths) // self.batch_size)

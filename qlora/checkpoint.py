@@ -1,0 +1,284 @@
+"""Checkpoints: everything a run needs to continue exactly where it stopped, written so a crash never
+leaves a half-written one; and finding the one to resume from.
+
+    output_dir/checkpoints/step-000200/
+        adapter/        the LoRA weights in peft's format (usable on their own with the run's tokenizer/)
+        optimizer.pt    optimizer state, bitsandbytes' 8-bit state included
+        scheduler.pt    learning-rate schedule position
+        rng.pt          python, numpy, torch CPU and CUDA generator states
+        state.json      step, epoch, data position, eval losses so far, the samples generated before training
+        config.yaml     the resolved config that produced it
+
+A checkpoint is written into `.step-000200.tmp`, every file and folder fsynced, then renamed into place, so a
+folder named `step-*` is complete by construction. Loading reads safetensors and `torch.load(weights_only=True)`
+only: a checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from qlora.config import Config
+from qlora.errors import QloraError
+
+log = logging.getLogger(__name__)
+
+FOLDER = "checkpoints"
+_NAME = re.compile(r"^step-(\d+)$")
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+# Keys that may differ between a checkpoint's config and the resumed run's without changing what is computed.
+HARMLESS_KEYS = frozenset({
+    "output_dir", "overwrite", "resume", "force_resume", "debug", "cache_dir", "data.cache",
+    "train.max_steps", "train.eval_every_steps", "train.eval_max_batches", "train.log_every_steps",
+    "train.num_workers", "train.sample_prompts", "train.max_new_tokens", "train.progress", "train.tensorboard",
+    "train.save_every_steps", "train.keep_checkpoints", "train.on_nonfinite_loss",
+})
+
+
+def step_of(path: Path) -> int | None:
+    match = _NAME.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's complete checkpoints, oldest first."""
+    root = Path(run_dir) / FOLDER
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and step_of(p) is not None]
+    return sorted(found, key=step_of)
+
+
+def is_finished(run_dir: Path) -> bool:
+    """Whether a run completed: summary.json is the last file a run writes."""
+    return (Path(run_dir) / "summary.json").is_file()
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def save(run_dir: Path, step: int, write: Callable[[Path], None], keep: int) -> Path:
+    """Write checkpoint `step` with `write(folder)`, atomically; then keep only the newest `keep` (0: all)."""
+    root = Path(run_dir) / FOLDER
+    root.mkdir(exist_ok=True)
+    target = root / f"step-{step:06d}"
+    try:
+        write_atomic(target, write)
+    except OSError as e:
+        previous = [p for p in complete_checkpoints(run_dir) if p != target]
+        kept = f"checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+        raise QloraError(f"{_why(e)} while writing checkpoint {target}; {kept}. "
+                         f"{_fix(e)}, then continue with resume=auto") from e
+    for old in complete_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def write_atomic(target: Path, write: Callable[[Path], None]) -> None:
+    """Fill a temporary sibling folder with `write(folder)`, fsync it, then swap it in for `target`.
+
+    At every instant `target` is either its old complete self or the new complete one. An OSError leaves
+    `target` as it was and removes the temporary folder.
+    """
+    staging = target.with_name(f".{target.name}.tmp")
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir(parents=True)
+        write(staging)
+        _fsync_tree(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staging, target)
+    _fsync_dir(target.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_partial(run_dir: Path) -> None:
+    """Delete what a killed writer left behind (temporary folders are never read)."""
+    root = Path(run_dir) / FOLDER
+    for leftover in root.glob(".step-*") if root.is_dir() else []:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*"), reverse=True):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+        else:
+            _fsync_dir(path)
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _why(e: OSError) -> str:
+    if e.errno in _NO_SPACE:
+        return "disk full" if e.errno != errno.EFBIG else "file size limit reached"
+    return f"{e.strerror or e}"
+
+
+def _fix(e: OSError) -> str:
+    return "free disk space (or lower train.keep_checkpoints)" if e.errno in _NO_SPACE else "fix the file system"
+
+
+def no_space_message(e: OSError, what: str, fallback: str) -> str:
+    """One line for a failed final write: the cause, and that the checkpoint still holds the result."""
+    return f"{_why(e)} while saving {what}; {fallback}. {_fix(e)}, then rerun with resume=auto to save it again"
+
+
+# ----------------------------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict:
+    """Every random generator a step can draw from (dropout, data workers), in torch.load-safe types."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                  "has_gauss": has_gauss, "cached_gaussian": cached},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read fully into memory (so a bad file is found before anything is changed)."""
+
+    path: Path
+    state: dict
+    adapter: dict[str, torch.Tensor]
+    optimizer: dict
+    scheduler: dict
+    rng: dict
+    config: dict
+
+    @property
+    def step(self) -> int:
+        return self.state["step"]
+
+
+def read(path: Path) -> Checkpoint:
+    """Load every part of the checkpoint at `path`; QloraError naming the file if one is missing or unreadable."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    current = "state.json"
+    try:
+        state = json.loads((path / current).read_text())
+        current = "adapter/adapter_model.safetensors"
+        adapter = load_file(path / current)
+        parts = {}
+        for current in ("optimizer.pt", "scheduler.pt", "rng.pt"):
+            parts[current] = torch.load(path / current, map_location="cpu", weights_only=True)
+        current = "config.yaml"
+        config = OmegaConf.to_container(OmegaConf.load(path / current))
+    except Exception as e:  # noqa: BLE001 (any failure to read means the same thing to the user)
+        raise QloraError(f"checkpoint {path} is unreadable: {current}: {str(e).splitlines()[0] if str(e) else e!r}; "
+                         "resume from another checkpoint (resume=PATH) or start over") from e
+    return Checkpoint(path, state, adapter, parts["optimizer.pt"], parts["scheduler.pt"], parts["rng.pt"], config)
+
+
+def find(config: Config) -> Checkpoint | None:
+    """The checkpoint `config.resume` asks for, read; None to start fresh.
+
+    resume=auto takes the newest checkpoint in output_dir that reads back whole, falling back to older ones
+    (with a warning) if the newest is damaged; resume=PATH takes that checkpoint, or a run folder's newest.
+    """
+    if config.resume is None:
+        return None
+    if config.resume == "auto":
+        candidates = complete_checkpoints(Path(config.output_dir))
+        for path in reversed(candidates):
+            try:
+                return read(path)
+            except QloraError as e:
+                log.warning("%s; trying the one before it", e)
+        if candidates:
+            raise QloraError(f"resume=auto: none of the {len(candidates)} checkpoints in "
+                             f"{Path(config.output_dir) / FOLDER} is readable; start over with overwrite=true")
+        return None
+    return read(resolve_path(config.resume))
+
+
+def resolve_path(resume: str) -> Path:
+    """The checkpoint folder resume=PATH names: the folder itself, or a run folder's newest checkpoint."""
+    path = Path(resume).expanduser()
+    if (path / "state.json").is_file():
+        return path
+    if not path.exists():
+        raise QloraError(f"resume={resume}: no such folder; give a run folder or one of its checkpoints "
+                         f"(RUN/{FOLDER}/step-N), or resume=auto")
+    found = complete_checkpoints(path)
+    if not found:
+        raise QloraError(f"resume={resume}: no checkpoint there (looked for {FOLDER}/step-N); it was written by a "
+                         "run with checkpoints, or give another path")
+    return found[-1]
+
+
+def run_dir_of(checkpoint: Path) -> Path:
+    """The run folder a checkpoint belongs to."""
+    return Path(checkpoint).parent.parent
+
+
+def differences(saved: dict, config: Config) -> list[str]:
+    """Config keys whose value changes what training computes, as 'key (saved -> now)'."""
+    now = _flatten(OmegaConf.to_container(OmegaConf.structured(config), enum_to_str=True))
+    before = _flatten(saved)
+    changed = []
+    for key in sorted(set(now) | set(before)):
+        if key in HARMLESS_KEYS or now.get(key, "(absent)") == before.get(key, "(absent)"):
+            continue
+        changed.append(f"{key} ({before.get(key, '(absent)')} -> {now.get(key, '(absent)')})")
+    return changed
+
+
+def _flatten(node, prefix: str = "") -> dict:
+    if not isinstance(node, dict):
+        return {prefix: node}
+    flat = {}
+    for key, value in node.items():
+        flat.update(_flatten(value, f"{prefix}{key}." if isinstance(value, dict) else f"{prefix}{key}"))
+    return flat

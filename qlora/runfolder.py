@@ -1,0 +1,138 @@
+"""The run folder: what may start in it, and the moment a run takes it over.
+
+A run writes nothing into output_dir until everything that can be checked has been (config, checkpoint,
+tokenizer, data, weights). Only then does it `commit`: replace an old run if overwrite=true, write config.yaml
+and the tokenizer, and start train.log with the lines logged so far. So a bad input leaves an existing run folder
+byte for byte as it was, and a new one empty.
+
+    output_dir/
+        config.yaml  train.log  metrics.jsonl  tb/      from the commit on
+        tokenizer/                                      from the commit on (with the chat template used)
+        checkpoints/step-NNNNNN/                        see qlora.checkpoint
+        adapter/  samples.json                          at the end
+        summary.json                                    last of all: the run finished
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from qlora import checkpoint
+from qlora.config import Config
+from qlora.errors import QloraError
+
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] %(message)s"
+
+
+def check_output_dir(config: Config) -> None:
+    """Refuse to start where the run would clobber something, unless overwrite or resume says how to proceed."""
+    out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        raise QloraError(f"output_dir {out} is a file; choose a folder path for output_dir")
+    if config.resume not in (None, "auto"):
+        source = checkpoint.run_dir_of(checkpoint.resolve_path(config.resume))
+        if _same(source, out) or not _holds_files(out):
+            return
+        raise QloraError(f"output_dir {out} already holds {_contents(out)}; resume={config.resume} continues into "
+                         f"an empty output_dir or into its own run folder {source}")
+    if config.overwrite or not _holds_files(out):
+        return
+    if config.resume == "auto":
+        if checkpoint.complete_checkpoints(out) or (out / "config.yaml").is_file():
+            return
+        raise QloraError(f"output_dir {out} holds files but no run; resume=auto continues the run in output_dir, "
+                         "so point output_dir at a run folder")
+    found = checkpoint.complete_checkpoints(out)
+    if checkpoint.is_finished(out):
+        raise QloraError(f"output_dir {out} already holds a finished run; choose another output_dir, continue "
+                         "training it with resume=auto and a higher train.max_steps, or replace it with overwrite=true")
+    if found:
+        raise QloraError(f"output_dir {out} holds an unfinished run (newest checkpoint: {found[-1].name}); continue "
+                         "it with resume=auto, or replace it with overwrite=true")
+    raise QloraError(f"output_dir {out} already holds {_contents(out)}; choose another output_dir or pass "
+                     "overwrite=true to replace it")
+
+
+def _holds_files(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.iterdir())
+
+
+def _contents(folder: Path) -> str:
+    if checkpoint.is_finished(folder):
+        return "a finished run"
+    return "a run" if (folder / "config.yaml").is_file() else "files"
+
+
+def _same(a: Path, b: Path) -> bool:
+    return a.expanduser().resolve() == b.expanduser().resolve()
+
+
+def config_yaml(config: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    staging = path.with_name(f".{path.name}.tmp")
+    with open(staging, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(staging, path)
+
+
+def clear(folder: Path) -> None:
+    """Empty `folder` (overwrite=true, at the commit: never before the new run has passed every check)."""
+    for entry in folder.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+class RunLog(logging.Handler):
+    """Holds the run's log records until the run folder is committed, then writes them and the rest to train.log.
+
+    Until `commit`, a failing run writes no log file anywhere; from then on train.log is appended to (a resumed
+    run continues its run's log).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.INFO)
+        self.held: list[logging.LogRecord] = []
+        self.file: logging.FileHandler | None = None
+
+    def __enter__(self) -> RunLog:
+        logging.getLogger().addHandler(self)
+        self.qlora_level = logging.getLogger("qlora").level
+        logging.getLogger("qlora").setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger().removeHandler(self)
+        logging.getLogger("qlora").setLevel(self.qlora_level)
+        if self.file is not None:
+            self.file.close()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.file is None:
+            self.held.append(record)
+        else:
+            self.file.handle(record)
+
+    def commit(self, path: Path) -> None:
+        self.file = logging.FileHandler(path, mode="a", encoding="utf-8")
+        self.file.setFormatter(logging.Formatter(LOG_FORMAT))
+        for record in self.held:
+            self.file.handle(record)
+        self.held.clear()
+
+    def error(self, message: str) -> None:
+        """Record an error the CLI prints, in train.log only (the console gets it once, from the CLI)."""
+        if self.file is not None:
+            self.file.handle(logging.makeLogRecord({"name": "qlora", "levelno": logging.ERROR,
+                                                    "levelname": "ERROR", "msg": message}))
