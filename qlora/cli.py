@@ -74,7 +74,7 @@ def data_preview(args: list[str]) -> int:
         from qlora.data.preview import preview
         from qlora.model import load_tokenizer
 
-        demo.prepare_assets(config.model, config.data)
+        demo.prepare_assets(config)
         tokenizer = load_tokenizer(config.model)
         data.use_chat_template(config.data, tokenizer)
         tokenized = data.load(config.data, tokenizer, config.train.seq_len, config.seed,

@@ -235,7 +235,8 @@ class DataConfig:
     """Keep tokenized data under cache_dir/tokenized, keyed on the data file, tokenizer, template and these
     settings, so a second run starts immediately."""
     generate_demo: bool = False
-    """Write the project's generated demo dataset to `path` if the file is missing (the offline demo)."""
+    """Write the project's generated demo dataset to `path` if the file is missing and `path` is inside
+    cache_dir (the offline demo); elsewhere `path` is read like any data file."""
 
 
 @dataclass
@@ -340,6 +341,16 @@ def builds_scratch_model(cfg: ModelConfig) -> bool:
     return cfg.scratch is not None and cfg.name_or_path == cfg.scratch.path
 
 
+def inside(path: str, folder: str) -> bool:
+    """Whether `path` lies inside `folder` (after ~ and .. are resolved)."""
+    return Path(path).expanduser().resolve().is_relative_to(Path(folder).expanduser().resolve())
+
+
+def generates_demo_data(cfg: Config) -> bool:
+    """Whether data.path is the demo dataset to generate: the framework writes generated files in cache_dir only."""
+    return cfg.data.generate_demo and inside(cfg.data.path, cfg.cache_dir)
+
+
 def validate(cfg: Config) -> None:
     """Check what no single field can; raise one ConfigError listing every problem found."""
     problems: list[str] = []
@@ -389,13 +400,16 @@ def validate(cfg: Config) -> None:
                         "set quant.double_quant=false or choose quant=nf4-dq / fp4-dq")
     if cfg.train.mixed_precision == MixedPrecision.fp16 and cfg.quant.compute_dtype == DType.bfloat16:
         problems.append("train.mixed_precision=fp16 with quant.compute_dtype=bfloat16 mixes two half types; use bf16")
-    if not builds_scratch_model(cfg.model):
+    if builds_scratch_model(cfg.model):
+        need(inside(scratch.path, cfg.cache_dir), f"model.scratch.path: {scratch.path} is outside cache_dir "
+             f"({cfg.cache_dir}); generated models are written there only")
+    else:
         local = Path(cfg.model.name_or_path).expanduser()
         looks_local = cfg.model.name_or_path.startswith((".", "/", "~")) or local.exists()
         need(not looks_local or (local / "config.json").is_file(),
              f"model.name_or_path: {cfg.model.name_or_path} is not a model folder (no config.json); "
              "give a Hugging Face model folder or a hub id")
-    data_files = [("data.path", cfg.data.path)] if not cfg.data.generate_demo else []
+    data_files = [("data.path", cfg.data.path)] if not generates_demo_data(cfg) else []
     if cfg.data.eval_path is not None:
         data_files.append(("data.eval_path", cfg.data.eval_path))
     for key, path in data_files:

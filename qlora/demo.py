@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from qlora.config import DataConfig, ModelConfig, ScratchModelConfig, ScratchTokenizer, builds_scratch_model
+from qlora.config import Config, ScratchModelConfig, ScratchTokenizer, builds_scratch_model, generates_demo_data
 from qlora.errors import QloraError
 
 # animal: (sound, food, home)
@@ -63,13 +63,13 @@ RELATIONS: dict[str, tuple[list[str], str]] = {
 SAMPLE_PROMPTS = ["What sound does a cow make?", "Where does a duck live?", "What does a monkey eat?"]
 
 
-def prepare_assets(model: ModelConfig, data: DataConfig) -> None:
+def prepare_assets(config: Config) -> None:
     """Build what the config asks to be generated and is not there yet: a scratch model, the demo dataset."""
-    data_path = Path(data.path).expanduser()
-    if data.generate_demo and not data_path.exists():
+    data_path = Path(config.data.path).expanduser()
+    if generates_demo_data(config) and not data_path.exists():
         write_demo_dataset(data_path)
-    if builds_scratch_model(model):
-        ensure_scratch_model(Path(model.name_or_path).expanduser(), model.scratch)
+    if builds_scratch_model(config.model):
+        ensure_scratch_model(Path(config.model.name_or_path).expanduser(), config.model.scratch)
 
 
 def demo_records() -> list[dict[str, str]]:

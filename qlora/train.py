@@ -135,7 +135,7 @@ def _run(config: Config, resumed: checkpoint.Checkpoint | None, state: TrainStat
 
     # Tokenizer (and whatever the demo generates); hub ids fail fast when there is no network
     hub.prepare(hub_ids(config))
-    demo.prepare_assets(config.model, config.data)
+    demo.prepare_assets(config)
     check_model_config(config.model, config.train.seq_len)
     tokenizer = load_tokenizer(config.model)
 
@@ -347,13 +347,8 @@ def train_loop(training: Training, state: TrainState) -> None:
 
             last = state.step == cfg.max_steps
             if cfg.log_every_steps and (state.step % cfg.log_every_steps == 0 or last or state.step == 1):
-                elapsed = time.perf_counter() - window_start
-                row = {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": training.scheduler.get_last_lr()[0],
-                       "tokens_per_s": window_tokens / max(elapsed, 1e-9), "tokens_seen": state.tokens_seen}
-                if grad_norm is not None:
-                    row["grad_norm"] = grad_norm
-                if torch.cuda.is_available():
-                    row["cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                tokens_per_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+                row = _train_row(training, state, loss, grad_norm, tokens_per_s)
                 training.metrics.write(row)
                 progress.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
                 window_start, window_tokens = time.perf_counter(), 0
@@ -374,6 +369,17 @@ def train_loop(training: Training, state: TrainState) -> None:
             raise Interrupted(f"stopped by {signal.Signals(signals.received).name} after step {state.step}; "
                               f"checkpoint {path} saved. Continue with: qlora train output_dir={training.out} "
                               "resume=auto", signals.received)
+
+
+def _train_row(training: Training, state: TrainState, loss: float, grad_norm: float | None,
+               tokens_per_s: float) -> dict:
+    row = {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": training.scheduler.get_last_lr()[0],
+           "tokens_per_s": tokens_per_s, "tokens_seen": state.tokens_seen}
+    if grad_norm is not None:
+        row["grad_norm"] = grad_norm
+    if torch.cuda.is_available():
+        row["cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return row
 
 
 def _step(training: Training, batches, trainable) -> tuple[float, int, int, float | None]:
@@ -403,7 +409,7 @@ def _handle_nonfinite(training: Training, state: TrainState, loss: float, grad_n
     """A step whose loss or gradient norm is NaN / inf was not applied: stop, or go on per the config."""
     what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
     found = checkpoint.complete_checkpoints(training.out)
-    good = f"the last good checkpoint is {found[-1]} (resume=auto continues from it)" if found \
+    good = f"the newest checkpoint is {found[-1]} (resume=auto continues from it)" if found \
         else "no checkpoint was written yet"
     if training.config.train.on_nonfinite_loss == OnNonFinite.stop:
         raise QloraError(f"{what} at step {state.step}, so training stopped there without applying it; {good}. "

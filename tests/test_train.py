@@ -186,7 +186,7 @@ def test_packed_chat_run_learns_and_saves_its_template(tmp_path):
     chat = tmp_path / "chat.jsonl"
     write_chat_data(chat)
     out = tmp_path / "run"
-    result = run(compose(tmp_path / "cache", out, "model=tiny-llama-bpe", f"model.scratch.path={tmp_path}/bpe",
+    result = run(compose(tmp_path / "cache", out, "model=tiny-llama-bpe", f"model.scratch.path={tmp_path}/cache/bpe",
                          "model.scratch.tokenizer_vocab_size=512", f"data.path={chat}", "data.format=chat",
                          "data.generate_demo=false", "data.packing=true", "train.seq_len=256",
                          "train.micro_batch_size=2", "train.max_steps=12", "train.eval_every_steps=12",
@@ -208,7 +208,7 @@ def test_tiny_alpaca_recipe_trains_on_the_shared_sample(tmp_path):
     subset = tmp_path / "alpaca_400.json"
     subset.write_text(json.dumps(json.loads(shared.read_text())[:400]))
     out = tmp_path / "run"
-    result = run(compose(tmp_path / "cache", out, "recipe=tiny-alpaca", f"model.scratch.path={tmp_path}/bpe",
+    result = run(compose(tmp_path / "cache", out, "recipe=tiny-alpaca", f"model.scratch.path={tmp_path}/cache/bpe",
                          f"data.path={subset}", "data.eval_fraction=0.05", "train.max_steps=15",
                          "train.eval_every_steps=15", "train.sample_prompts=[]"))
     assert result.final_eval_loss < 0.95 * result.first_eval_loss

@@ -1,0 +1,90 @@
+"""Stop `qlora train` subprocesses at chosen moments and resume them: the harness behind the resume tests and
+scripts/kill_trials.py.
+
+A plan is a list of (how, step): `kill` sends SIGKILL once the run has logged that step, `write` sends SIGKILL
+while a checkpoint is being written (the first write from that step on that polling catches; a write can be
+too quick to catch, so `write` belongs last in a plan), `int` / `term` send SIGINT / SIGTERM (the run
+checkpoints and exits). Each stop is followed by `resume=auto`; the last segment runs to the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SIGNALS = {"kill": signal.SIGKILL, "write": signal.SIGKILL, "int": signal.SIGINT, "term": signal.SIGTERM}
+EXPECTED_EXIT = {"kill": -signal.SIGKILL, "write": -signal.SIGKILL, "int": 128 + signal.SIGINT,
+                 "term": 128 + signal.SIGTERM}
+
+
+def start(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "qlora", "train", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def logged_step(run_dir: Path) -> int:
+    """The newest step in the run's metrics.jsonl (0 if none); tolerant of a line being written."""
+    path = run_dir / "metrics.jsonl"
+    step = 0
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            step = max(step, json.loads(line)["step"])
+        except (ValueError, KeyError):
+            pass
+    return step
+
+
+def writing_checkpoint(run_dir: Path, from_step: int) -> bool:
+    """Whether a checkpoint for a step >= from_step is being written right now (its temporary folder exists)."""
+    root = run_dir / "checkpoints"
+    return root.is_dir() and any(int(p.name[len(".step-"):-len(".tmp")]) >= from_step
+                                 for p in root.glob(".step-*.tmp"))
+
+
+def stop_at(proc: subprocess.Popen, run_dir: Path, how: str, step: int, timeout: float = 300) -> bool:
+    """Send `how`'s signal at its moment; False if the run ended first."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        ready = writing_checkpoint(run_dir, step) if how == "write" else logged_step(run_dir) >= step
+        if ready:
+            proc.send_signal(SIGNALS[how])
+            return True
+        time.sleep(0.002 if how == "write" else 0.02)
+    return False
+
+
+def interrupted_run(args: list[str], run_dir: Path, plan: list[tuple[str, int]], cwd: Path) -> list[str]:
+    """Run with the stops in `plan`, resuming after each; returns a line per segment describing how it ended.
+
+    Raises AssertionError when a segment does not end as planned (the run finished first, or the exit code or
+    message is wrong).
+    """
+    report = []
+    for i, (how, step) in enumerate([*plan, ("end", 0)]):
+        proc = start([*args, f"output_dir={run_dir}", *(["resume=auto"] if i else [])], cwd)
+        sent = how != "end" and stop_at(proc, run_dir, how, step)
+        out, err = proc.communicate(timeout=600)
+        if how == "end":
+            assert proc.returncode == 0, f"final segment failed ({proc.returncode}): {err[-2000:]}"
+        elif how == "write" and not sent and proc.returncode == 0:  # every checkpoint write was too quick to hit
+            report.append(f"write from step {step}: missed, the run finished")
+            break
+        else:
+            assert sent, f"segment {i} ({how} at step {step}) ended before the signal: {err[-2000:]}"
+            assert proc.returncode == EXPECTED_EXIT[how], f"segment {i} ({how} at {step}): {proc.returncode} {err[-2000:]}"
+            if how in ("int", "term"):
+                assert "checkpoint" in err and "resume=auto" in err and "Traceback" not in err, err
+        report.append(f"{how} at step {step}: exit {proc.returncode}, logged up to step {logged_step(run_dir)}")
+    return report
+
+
+def comparable_metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock columns, which no two runs share."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k != "tokens_per_s"} for row in rows]
