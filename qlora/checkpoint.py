@@ -5,6 +5,7 @@ leaves a half-written one; and finding the one to resume from.
         adapter/        the LoRA weights in peft's format (usable on their own with the run's tokenizer/)
         optimizer.pt    optimizer state, bitsandbytes' 8-bit state included
         scheduler.pt    learning-rate schedule position
+        scaler.pt       the fp16 gradient scaler's state (train.mixed_precision=fp16 only)
         rng.pt          python, numpy, torch CPU and CUDA generator states
         state.json      step, epoch, data position, eval losses so far, the samples generated before training
         config.yaml     the resolved config that produced it
@@ -194,6 +195,7 @@ class Checkpoint:
     scheduler: dict
     rng: dict
     config: dict
+    scaler: dict | None = None
 
     @property
     def step(self) -> int:
@@ -213,12 +215,15 @@ def read(path: Path) -> Checkpoint:
         parts = {}
         for current in ("optimizer.pt", "scheduler.pt", "rng.pt"):
             parts[current] = torch.load(path / current, map_location="cpu", weights_only=True)
+        current = "scaler.pt"
+        scaler = torch.load(path / current, weights_only=True) if (path / current).is_file() else None
         current = "config.yaml"
         config = OmegaConf.to_container(OmegaConf.load(path / current))
     except Exception as e:  # noqa: BLE001 (any failure to read means the same thing to the user)
         raise QloraError(f"checkpoint {path} is unreadable: {current}: {str(e).splitlines()[0] if str(e) else e!r}; "
                          "resume from another checkpoint (resume=PATH) or start over") from e
-    return Checkpoint(path, state, adapter, parts["optimizer.pt"], parts["scheduler.pt"], parts["rng.pt"], config)
+    return Checkpoint(path, state, adapter, parts["optimizer.pt"], parts["scheduler.pt"], parts["rng.pt"], config,
+                      scaler)
 
 
 def find(config: Config) -> Checkpoint | None:

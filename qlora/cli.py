@@ -70,10 +70,11 @@ def data_preview(args: list[str]) -> int:
         validate(config)
         _quiet_libraries()
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
-        from qlora import data, demo
+        from qlora import data, demo, hub
         from qlora.data.preview import preview
         from qlora.model import load_tokenizer
 
+        hub.prepare(hub.hub_ids(config))
         demo.prepare_assets(config)
         tokenizer = load_tokenizer(config.model)
         data.use_chat_template(config.data, tokenizer)
@@ -166,11 +167,15 @@ def _job(cfg) -> None:
     except QloraError as e:
         _remove_if_empty(out)  # Hydra made it; the run never started
         sys.exit(_report(e, debug))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # outside the training loop, which checkpoints and stops on its own
         if debug:
             raise
         _remove_if_empty(out)
-        print("qlora: interrupted before training started; nothing was saved", file=sys.stderr)
+        from qlora.checkpoint import complete_checkpoints
+
+        found = complete_checkpoints(out)
+        print(f"qlora: interrupted; continue from checkpoint {found[-1]} with resume=auto" if found else
+              "qlora: interrupted before training started; nothing was saved", file=sys.stderr)
         sys.exit(130)
 
 

@@ -10,11 +10,24 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from pathlib import Path
 from urllib.parse import urlparse
+
+from qlora.config import Config, builds_scratch_model, is_data_file
 
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 3.0
+
+
+def hub_ids(config: Config) -> list[str]:
+    """The model and datasets the config names by hub id (not local paths)."""
+    ids = []
+    model = config.model.name_or_path
+    if not builds_scratch_model(config.model) and not Path(model).expanduser().exists():
+        ids.append(model)
+    ids += [p for p in (config.data.path, config.data.eval_path) if p is not None and not is_data_file(p)]
+    return ids
 
 
 def offline() -> bool:

@@ -25,7 +25,7 @@ from accelerate import Accelerator
 
 from qlora import checkpoint, demo, hub, runfolder
 from qlora import data as qdata
-from qlora.config import Config, MixedPrecision, OnNonFinite, builds_scratch_model, is_data_file, validate
+from qlora.config import Config, MixedPrecision, OnNonFinite, validate
 from qlora.errors import QloraError
 from qlora.lora import attach_lora
 from qlora.metrics import MetricsLog
@@ -111,10 +111,10 @@ def run(config: Config) -> RunResult:
     """
     validate(config)
     runfolder.check_output_dir(config)
-    resumed = checkpoint.find(config)
-    state = _state_to_resume(resumed, config)
     with runfolder.RunLog() as runlog:
         try:
+            resumed = checkpoint.find(config)
+            state = _state_to_resume(resumed, config)
             return _run(config, resumed, state, runlog)
         except QloraError as e:
             runlog.error(str(e))
@@ -134,7 +134,7 @@ def _run(config: Config, resumed: checkpoint.Checkpoint | None, state: TrainStat
              f"; resuming from {resumed.path} at step {resumed.step}" if resumed else "")
 
     # Tokenizer (and whatever the demo generates); hub ids fail fast when there is no network
-    hub.prepare(hub_ids(config))
+    hub.prepare(hub.hub_ids(config))
     demo.prepare_assets(config)
     check_model_config(config.model, config.train.seq_len)
     tokenizer = load_tokenizer(config.model)
@@ -181,7 +181,7 @@ def _run(config: Config, resumed: checkpoint.Checkpoint | None, state: TrainStat
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
     if resumed is not None:
-        _restore(resumed, accelerator.unwrap_model(model), optimizer, scheduler)
+        _restore(resumed, accelerator, model, optimizer, scheduler)
 
     prompts = [qdata.prompt_ids(p, config.data, tokenizer) for p in config.train.sample_prompts]
     before = resumed.state.get("samples_before", []) if resumed else []
@@ -189,7 +189,7 @@ def _run(config: Config, resumed: checkpoint.Checkpoint | None, state: TrainStat
         before = generate(model, tokenizer, prompts, config.train.max_new_tokens, device)
 
     # Everything checked: from here on, output_dir holds this run
-    _commit(config, resumed, tokenizer, runlog, accelerator)
+    _commit(config, tokenizer, runlog, accelerator)
     metrics = MetricsLog(out, config.train.tensorboard, start=state.step,
                          history=None if resumed is None else checkpoint.run_dir_of(resumed.path) / "metrics.jsonl")
     training = Training(config, out, accelerator, model, optimizer, scheduler, train_loader, sampler, eval_loader,
@@ -215,16 +215,6 @@ def _run(config: Config, resumed: checkpoint.Checkpoint | None, state: TrainStat
     return RunResult(out, state, samples, accelerator.unwrap_model(model), tokenizer, optimizer.optimizer)
 
 
-def hub_ids(config: Config) -> list[str]:
-    """The model and datasets the config names by hub id (not local paths)."""
-    ids = []
-    model = config.model.name_or_path
-    if not builds_scratch_model(config.model) and not Path(model).expanduser().exists():
-        ids.append(model)
-    ids += [p for p in (config.data.path, config.data.eval_path) if p is not None and not is_data_file(p)]
-    return ids
-
-
 def _state_to_resume(resumed: checkpoint.Checkpoint | None, config: Config) -> TrainState:
     """The checkpoint's TrainState, once its config is known to be compatible; a fresh one without a checkpoint."""
     if resumed is None:
@@ -248,23 +238,25 @@ def _state_to_resume(resumed: checkpoint.Checkpoint | None, config: Config) -> T
     return TrainState(**{k: v for k, v in resumed.state.items() if k in fields})
 
 
-def _restore(resumed: checkpoint.Checkpoint, model, optimizer, scheduler) -> None:
-    """Put the checkpoint's adapter weights, optimizer and schedule state into the freshly built run."""
+def _restore(resumed: checkpoint.Checkpoint, accelerator: Accelerator, model, optimizer, scheduler) -> None:
+    """Put the checkpoint's adapter weights, optimizer, schedule and gradient scaler state into the fresh run."""
     from peft import set_peft_model_state_dict
 
     try:
-        loaded = set_peft_model_state_dict(model, resumed.adapter)
+        loaded = set_peft_model_state_dict(accelerator.unwrap_model(model), resumed.adapter)
         missing = [k for k in loaded.missing_keys if "lora_" in k or "modules_to_save" in k]
         if loaded.unexpected_keys or missing:
             raise ValueError(f"{len(loaded.unexpected_keys)} unexpected and {len(missing)} missing adapter tensors")
         load_optimizer_state(optimizer, resumed.optimizer)
         scheduler.load_state_dict(resumed.scheduler)
+        if resumed.scaler is not None and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(resumed.scaler)
     except (ValueError, RuntimeError, KeyError) as e:
         raise QloraError(f"checkpoint {resumed.path} does not fit this model ({str(e).splitlines()[0]}); resume "
                          "with the config that wrote it") from e
 
 
-def _commit(config: Config, resumed, tokenizer, runlog: runfolder.RunLog, accelerator) -> None:
+def _commit(config: Config, tokenizer, runlog: runfolder.RunLog, accelerator) -> None:
     """Take over output_dir: the run passed every check, so an old run may now be replaced."""
     out = Path(config.output_dir)
     if not accelerator.is_main_process:
@@ -285,6 +277,8 @@ def save_checkpoint(training: Training, state: TrainState) -> Path:
         torch.save(training.optimizer.state_dict(), folder / "optimizer.pt")
         torch.save(training.scheduler.state_dict(), folder / "scheduler.pt")
         torch.save(checkpoint.rng_state(), folder / "rng.pt")
+        if training.accelerator.scaler is not None:
+            torch.save(training.accelerator.scaler.state_dict(), folder / "scaler.pt")
         (folder / "state.json").write_text(json.dumps(
             {**asdict(state), "samples_before": training.samples_before}, indent=2) + "\n")
         (folder / "config.yaml").write_text(runfolder.config_yaml(training.config))
@@ -295,15 +289,15 @@ def save_checkpoint(training: Training, state: TrainState) -> Path:
 
 
 def _save_results(out: Path, model, samples: list[dict], state: TrainState) -> None:
-    newest = checkpoint.complete_checkpoints(out)[-1]
     try:
         checkpoint.write_atomic(out / "adapter", lambda folder: model.save_pretrained(str(folder)))
         if samples:
             runfolder.write_text_atomic(out / "samples.json", json.dumps(samples, indent=2) + "\n")
         runfolder.write_text_atomic(out / "summary.json", json.dumps(asdict(state), indent=2) + "\n")
     except OSError as e:
-        raise QloraError(checkpoint.no_space_message(e, f"the adapter to {out}",
-                                                     f"checkpoint {newest} holds the trained weights")) from e
+        found = checkpoint.complete_checkpoints(out)
+        kept = f"checkpoint {found[-1]} holds the trained weights" if found else "no checkpoint holds them"
+        raise QloraError(checkpoint.no_space_message(e, f"the adapter to {out}", kept)) from e
 
 
 def train_loop(training: Training, state: TrainState) -> None:

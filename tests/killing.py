@@ -67,6 +67,8 @@ def interrupted_run(args: list[str], run_dir: Path, plan: list[tuple[str, int]],
     """
     report = []
     for i, (how, step) in enumerate([*plan, ("end", 0)]):
+        # A stopped run may have logged past its stop; a step logged before this segment must not trigger it.
+        step = max(step, logged_step(run_dir) + 1)
         proc = start([*args, f"output_dir={run_dir}", *(["resume=auto"] if i else [])], cwd)
         sent = how != "end" and stop_at(proc, run_dir, how, step)
         out, err = proc.communicate(timeout=600)
@@ -77,7 +79,8 @@ def interrupted_run(args: list[str], run_dir: Path, plan: list[tuple[str, int]],
             break
         else:
             assert sent, f"segment {i} ({how} at step {step}) ended before the signal: {err[-2000:]}"
-            assert proc.returncode == EXPECTED_EXIT[how], f"segment {i} ({how} at {step}): {proc.returncode} {err[-2000:]}"
+            assert proc.returncode == EXPECTED_EXIT[how], \
+                f"segment {i} ({how} at {step}): exit {proc.returncode} {err[-2000:]}"
             if how in ("int", "term"):
                 assert "checkpoint" in err and "resume=auto" in err and "Traceback" not in err, err
         report.append(f"{how} at step {step}: exit {proc.returncode}, logged up to step {logged_step(run_dir)}")

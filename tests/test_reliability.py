@@ -197,6 +197,7 @@ def inputs(tmp_path_factory) -> Path:
 
 # (what, target, overrides, environment, the message's start or a part of it)
 # target "run": output_dir is a finished run (resume=auto with more steps gets past the folder check);
+# target "unfinished": the same run killed after its last checkpoint;
 # target "new": output_dir does not exist, and must not exist afterwards.
 MORE = ["resume=auto", f"train.max_steps={STEPS + 8}"]
 BAD_INPUTS = [
@@ -210,7 +211,8 @@ BAD_INPUTS = [
      "unreachable"),
     ("missing data file", "run", [*MORE, "data.path=/no/such/data.jsonl"], {},
      "config error: data.path: /no/such/data.jsonl does not exist"),
-    ("malformed JSONL row", "new", ["data.path={inputs}/bad.jsonl"], {}, "{inputs}/bad.jsonl: line 2 is not valid JSON"),
+    ("malformed JSONL row", "new", ["data.path={inputs}/bad.jsonl"], {},
+     "{inputs}/bad.jsonl: line 2 is not valid JSON"),
     ("malformed JSONL row, overwrite=true", "run", ["overwrite=true", "data.path={inputs}/bad.jsonl"], {},
      "{inputs}/bad.jsonl: line 2 is not valid JSON"),
     ("lora.r <= 0", "run", [*MORE, "lora.r=0"], {}, "config error: lora.r must be > 0 (got 0)"),
@@ -220,6 +222,8 @@ BAD_INPUTS = [
     ("negative steps", "run", ["resume=auto", "train.max_steps=-5"], {},
      "config error: train.max_steps must be > 0 (got -5)"),
     ("finished run in output_dir", "run", [], {}, "output_dir {run} already holds a finished run"),
+    ("unfinished run in output_dir", "unfinished", [], {},
+     "output_dir {run} holds an unfinished run (newest checkpoint: step-0000"),
     ("resume a finished run without more steps", "run", ["resume=auto"], {},
      f"the run in {{run}} already finished {STEPS} steps; raise train.max_steps"),
     ("resume with a different LoRA shape", "run", [*MORE, "lora.r=8"], {},
@@ -237,7 +241,10 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(what, target, override
                                                          cache, inputs, tmp_path):
     finished = tmp_path / "finished"
     shutil.copytree(reference, finished)
-    out = finished if target == "run" else tmp_path / "new"
+    if target == "unfinished":
+        shutil.rmtree(finished / "adapter")
+        (finished / "summary.json").unlink()
+    out = tmp_path / "new" if target == "new" else finished
     before = snapshot(finished)
     fill = {"inputs": inputs, "run": out}
     args = [*settings(cache), f"output_dir={out}", *(o.format(**fill) for o in overrides)]
@@ -248,3 +255,9 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(what, target, override
     assert message.format(**fill) in lines[0], lines[0]
     assert snapshot(finished) == before
     assert not (tmp_path / "new").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = qlora_cli("train", "lora.r=0", "debug=true", f"output_dir={tmp_path}/out", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr and "ConfigError: config error: lora.r must be > 0" in result.stderr
