@@ -361,8 +361,8 @@ def train_loop(training: Training, state: TrainState) -> None:
             path = checkpoint.complete_checkpoints(training.out)[-1] if saved_at == state.step \
                 else save_checkpoint(training, state)
             raise Interrupted(f"stopped by {signal.Signals(signals.received).name} after step {state.step}; "
-                              f"checkpoint {path} saved. Continue with: qlora train output_dir={training.out} "
-                              "resume=auto", signals.received)
+                              f"checkpoint {path} saved. To continue, run the same command with "
+                              f"output_dir={training.out} resume=auto", signals.received)
 
 
 def _train_row(training: Training, state: TrainState, loss: float, grad_norm: float | None,
