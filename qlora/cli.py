@@ -101,7 +101,7 @@ def train(args: list[str]) -> int:
 
 
 def _preflight(args: list[str]) -> list[str]:
-    """Compose and validate every run the arguments describe, and clear the way for the output folder.
+    """Compose and validate every run the arguments describe, and check what each output folder holds.
 
     Returns extra Hydra overrides: for a sweep, name each job's folder after the swept keys alone; for
     resume=PATH without an output_dir, continue in the run folder that holds the checkpoint.
