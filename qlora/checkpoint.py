@@ -20,7 +20,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
 import random
 import re
 import shutil
@@ -34,6 +33,7 @@ from omegaconf import OmegaConf
 
 from qlora.config import Config
 from qlora.errors import QloraError
+from qlora.files import write_folder_atomic
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def save(run_dir: Path, step: int, write: Callable[[Path], None], keep: int) -> 
     root.mkdir(exist_ok=True)
     target = root / f"step-{step:06d}"
     try:
-        write_atomic(target, write)
+        write_folder_atomic(target, write)
     except OSError as e:
         previous = [p for p in complete_checkpoints(run_dir) if p != target]
         kept = f"checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
@@ -89,53 +89,11 @@ def save(run_dir: Path, step: int, write: Callable[[Path], None], keep: int) -> 
     return target
 
 
-def write_atomic(target: Path, write: Callable[[Path], None]) -> None:
-    """Fill a temporary sibling folder with `write(folder)`, fsync it, then swap it in for `target`.
-
-    At every instant `target` is either its old complete self or the new complete one. An OSError leaves
-    `target` as it was and removes the temporary folder.
-    """
-    staging = target.with_name(f".{target.name}.tmp")
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        staging.mkdir(parents=True)
-        write(staging)
-        _fsync_tree(staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(staging, target)
-    _fsync_dir(target.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def remove_partial(run_dir: Path) -> None:
     """Delete what a killed writer left behind (temporary folders are never read)."""
     root = Path(run_dir) / FOLDER
     for leftover in root.glob(".step-*") if root.is_dir() else []:
         shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in sorted(folder.rglob("*"), reverse=True):
-        if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-        else:
-            _fsync_dir(path)
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _why(e: OSError) -> str:

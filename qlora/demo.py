@@ -19,6 +19,7 @@ from pathlib import Path
 
 from qlora.config import Config, ScratchModelConfig, ScratchTokenizer, builds_scratch_model, generates_demo_data
 from qlora.errors import QloraError
+from qlora.files import write_text_atomic
 
 # animal: (sound, food, home)
 ANIMALS: dict[str, tuple[str, str, str]] = {
@@ -87,7 +88,7 @@ def write_demo_dataset(path: Path) -> None:
     """Write the demo dataset as JSON Lines (shuffled with a fixed seed), atomically."""
     records = demo_records()
     random.Random(0).shuffle(records)
-    _atomic_write(path, "".join(json.dumps(r) + "\n" for r in records))
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def build_demo_tokenizer():  # -> transformers.PreTrainedTokenizerFast
@@ -209,11 +210,3 @@ def _shape_dict(shape: ScratchModelConfig) -> dict:
         for key in ("tokenizer", "tokenizer_corpus", "tokenizer_vocab_size"):
             del shape_dict[key]
     return shape_dict
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from qlora.files import write_text_atomic
 
 
 class MetricsLog:
@@ -20,9 +21,7 @@ class MetricsLog:
         source = history or path
         kept = [row for row in read_metrics(source.parent) if row["step"] <= start] if start and source.is_file() \
             else []
-        staging = path.with_name(".metrics.jsonl.tmp")
-        staging.write_text("".join(json.dumps(row) + "\n" for row in kept))
-        os.replace(staging, path)
+        write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in kept))
         self.file = open(path, "a", encoding="utf-8")
         self.writer = None
         if tensorboard:

@@ -16,7 +16,6 @@ byte for byte as it was, and a new one empty.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -74,15 +73,6 @@ def _same(a: Path, b: Path) -> bool:
 
 def config_yaml(config: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    staging = path.with_name(f".{path.name}.tmp")
-    with open(staging, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(staging, path)
 
 
 def clear(folder: Path) -> None:

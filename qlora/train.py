@@ -27,6 +27,7 @@ from qlora import checkpoint, demo, hub, runfolder
 from qlora import data as qdata
 from qlora.config import Config, MixedPrecision, OnNonFinite, validate
 from qlora.errors import QloraError
+from qlora.files import write_folder_atomic, write_text_atomic
 from qlora.lora import attach_lora
 from qlora.metrics import MetricsLog
 from qlora.model import check_model_config, compute_dtype, load_base_model, load_tokenizer, quant_report
@@ -265,8 +266,8 @@ def _commit(config: Config, tokenizer, runlog: runfolder.RunLog, accelerator) ->
     if config.overwrite:
         runfolder.clear(out)
     checkpoint.remove_partial(out)
-    runfolder.write_text_atomic(out / "config.yaml", runfolder.config_yaml(config))
-    checkpoint.write_atomic(out / "tokenizer", lambda folder: tokenizer.save_pretrained(str(folder)))
+    write_text_atomic(out / "config.yaml", runfolder.config_yaml(config))
+    write_folder_atomic(out / "tokenizer", lambda folder: tokenizer.save_pretrained(str(folder)))
     runlog.commit(out / "train.log")
 
 
@@ -290,10 +291,10 @@ def save_checkpoint(training: Training, state: TrainState) -> Path:
 
 def _save_results(out: Path, model, samples: list[dict], state: TrainState) -> None:
     try:
-        checkpoint.write_atomic(out / "adapter", lambda folder: model.save_pretrained(str(folder)))
+        write_folder_atomic(out / "adapter", lambda folder: model.save_pretrained(str(folder)))
         if samples:
-            runfolder.write_text_atomic(out / "samples.json", json.dumps(samples, indent=2) + "\n")
-        runfolder.write_text_atomic(out / "summary.json", json.dumps(asdict(state), indent=2) + "\n")
+            write_text_atomic(out / "samples.json", json.dumps(samples, indent=2) + "\n")
+        write_text_atomic(out / "summary.json", json.dumps(asdict(state), indent=2) + "\n")
     except OSError as e:
         found = checkpoint.complete_checkpoints(out)
         kept = f"checkpoint {found[-1]} holds the trained weights" if found else "no checkpoint holds them"
