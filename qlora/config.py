@@ -73,6 +73,12 @@ class OnNonFinite(str, Enum):
     skip = "skip"
 
 
+class ScratchArchitecture(str, Enum):
+    llama = "llama"
+    mistral = "mistral"
+    qwen2 = "qwen2"
+
+
 class ScratchTokenizer(str, Enum):
     demo = "demo"
     bpe = "bpe"
@@ -87,12 +93,14 @@ class MixedPrecision(str, Enum):
 
 @dataclass
 class ScratchModelConfig:
-    """A randomly initialised Llama-architecture model, saved as an ordinary HF model folder at `path` the
+    """A randomly initialised model (Llama architecture by default), saved as an ordinary HF model folder at `path` the
     first time `model.name_or_path` points there, with a tokenizer built alongside it. Used by the offline
     demo, by CPU-sized recipes, and for speed/memory benchmarks (which do not depend on weights)."""
 
     path: str = "???"
     """Folder the model is built in (and then loaded from, like any other model folder)."""
+    architecture: ScratchArchitecture = ScratchArchitecture.llama
+    """Transformers architecture to build: llama, mistral or qwen2 (which adds q/k/v biases)."""
     tokenizer: ScratchTokenizer = ScratchTokenizer.demo
     """demo: the offline demo's word-level tokenizer; bpe: a byte-level BPE trained on tokenizer_corpus."""
     tokenizer_corpus: str | None = None

@@ -17,7 +17,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from qlora.config import Config, ScratchModelConfig, ScratchTokenizer, builds_scratch_model, generates_demo_data
+from qlora.config import (
+    Config,
+    ScratchArchitecture,
+    ScratchModelConfig,
+    ScratchTokenizer,
+    builds_scratch_model,
+    generates_demo_data,
+)
 from qlora.errors import QloraError
 from qlora.files import write_text_atomic
 
@@ -153,7 +160,7 @@ def _strings(value):
 
 
 def ensure_scratch_model(path: Path, shape: ScratchModelConfig) -> None:
-    """Build a random-init Llama-architecture model and its tokenizer at `path`, once.
+    """Build a random-init model of `shape.architecture` and its tokenizer at `path`, once.
 
     An existing folder is reused if it was built from the same shape, and refused otherwise, so a cached
     model can never silently stand in for a different one.
@@ -167,13 +174,14 @@ def ensure_scratch_model(path: Path, shape: ScratchModelConfig) -> None:
             )
         return
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if shape.tokenizer == ScratchTokenizer.bpe:
         tokenizer = build_bpe_tokenizer(shape.tokenizer_corpus, shape.tokenizer_vocab_size)
     else:
         tokenizer = build_demo_tokenizer()
-    config = LlamaConfig(
+    config = AutoConfig.for_model(
+        shape.architecture.value,
         vocab_size=shape.vocab_size or len(tokenizer),
         hidden_size=shape.hidden_size,
         intermediate_size=shape.intermediate_size,
@@ -188,7 +196,7 @@ def ensure_scratch_model(path: Path, shape: ScratchModelConfig) -> None:
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(shape.seed)
-        model = LlamaForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     model.save_pretrained(staging)
@@ -209,4 +217,6 @@ def _shape_dict(shape: ScratchModelConfig) -> dict:
     if shape.tokenizer == ScratchTokenizer.demo:  # the bpe settings do not apply (and older builds lack them)
         for key in ("tokenizer", "tokenizer_corpus", "tokenizer_vocab_size"):
             del shape_dict[key]
+    if shape.architecture == ScratchArchitecture.llama:  # older builds, all Llama, lack the key
+        del shape_dict["architecture"]
     return shape_dict
