@@ -1,4 +1,4 @@
-"""The `qlora` command: `qlora train [hydra overrides]`, `qlora data preview`, `qlora recipes`.
+"""The `qlora` command: `qlora train [hydra overrides]`, `export`, `generate`, `data preview`, `recipes`.
 
 `train` composes and validates the config first (and every point of a `-m` sweep), so a bad key, type,
 option or value is reported as one line with exit status 2 before Hydra creates any folder or anything is
@@ -16,6 +16,11 @@ USAGE = """usage: qlora <command> [args]
 commands:
   train [overrides]   fine-tune: qlora train recipe=NAME lora.r=32 optim.lr=1e-4 output_dir=runs/a
                       Hydra flags work: -m (sweep), --cfg job (print config), --help (config groups)
+  export run_dir=RUN output_dir=DIR [export.format=hf|gguf|adapter] [export.merge=dequantized|original]
+                      merge the adapter into the base it was trained against, verify the result's logits
+                      against the trained model, and write a Hugging Face folder, a GGUF file or the adapter
+  generate run_dir=RUN|model=EXPORT prompt=TEXT [temperature=0.7 top_p=0.9 max_new_tokens=256 seed=N]
+                      answer a prompt (formatted as in training), streamed to the terminal
   data preview [--samples N] [overrides]
                       show samples as trained (trained tokens marked), lengths, counts and padding,
                       without loading the model: qlora data preview recipe=NAME
@@ -35,9 +40,14 @@ def main(argv: list[str] | None = None) -> int:
         return train(rest)
     if command == "recipes":
         return recipes()
+    if command == "export":
+        return export(rest)
+    if command == "generate":
+        return generate(rest)
     if command == "data" and rest[:1] == ["preview"]:
         return data_preview(rest[1:])
-    print(f"qlora: unknown command '{' '.join(argv[:2])}'; choose one of: train, data preview, recipes "
+    print(f"qlora: unknown command '{' '.join(argv[:2])}'; choose one of: train, export, generate, "
+          "data preview, recipes "
           "(qlora --help)", file=sys.stderr)
     return 2
 
@@ -49,6 +59,54 @@ def recipes() -> int:
     width = max(len(name) for name in paths)
     for name, path in paths.items():
         print(f"{name:<{width}}  {recipe_description(path)}")
+    return 0
+
+
+def export(args: list[str]) -> int:
+    """qlora export run_dir=... output_dir=... [export.KEY=VALUE ...]"""
+    from qlora.config import ExportCommand
+
+    def job(cmd: ExportCommand) -> None:
+        from qlora.export import export as run_export
+
+        result = run_export(cmd)
+        print(f"exported {cmd.run_dir} to {result.output_dir}: {', '.join(result.files)}")
+
+    return _command(ExportCommand, args, job)
+
+
+def generate(args: list[str]) -> int:
+    """qlora generate run_dir=...|model=... prompt=... [temperature=... top_p=... max_new_tokens=...]"""
+    from qlora.config import GenerateCommand
+
+    def job(cmd: GenerateCommand) -> None:
+        from qlora.generate import generate as run_generate
+
+        run_generate(cmd)
+
+    return _command(GenerateCommand, args, job)
+
+
+def _command(schema: type, args: list[str], job) -> int:
+    """Parse key=value arguments into `schema`, run `job` on it, and turn QloraErrors into one-line messages."""
+    from qlora.errors import QloraError
+
+    if args[:1] in (["-h"], ["--help"]):
+        print(USAGE, end="")
+        return 0
+    try:
+        from qlora.composition import compose_command
+
+        cmd = compose_command(schema, args)
+        _quiet_libraries()
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        logging.getLogger("qlora").setLevel(logging.INFO)
+        job(cmd)
+    except QloraError as e:
+        return _report(e, _debug(args))
+    except KeyboardInterrupt:
+        print("qlora: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -163,7 +221,7 @@ def _job(cfg) -> None:
         _quiet_libraries()
         from qlora.train import run
 
-        run(config)
+        run(config, recipe=HydraConfig.get().runtime.choices.get("recipe"))
     except QloraError as e:
         _remove_if_empty(out)  # Hydra made it; the run never started
         sys.exit(_report(e, debug))

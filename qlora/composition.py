@@ -96,6 +96,27 @@ def compose_config(overrides: list[str]) -> Config:
         return to_config(cfg)
 
 
+def compose_command(schema: type, args: list[str]):
+    """A command's typed options (`qlora export`, `qlora generate`) from `key=value` arguments.
+
+    Values are taken as written (after the first '='), so free text such as a prompt needs no quoting beyond the
+    shell's; the schema converts numbers, booleans and choices and rejects unknown keys.
+    """
+    cfg = OmegaConf.structured(schema)
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"'{arg}': expected key=value (keys: {', '.join(schema_keys('', schema))})")
+        try:
+            OmegaConf.update(cfg, key, None if value == "null" else value, merge=True)
+        except OmegaConfBaseException as e:
+            raise ConfigError(_explain_omegaconf(e, schema)) from e
+    try:
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_explain_omegaconf(e, schema)) from e
+
+
 def parse_overrides(overrides: list[str]) -> list:
     """Hydra's parse of the overrides; adding keys (`+key=...`) is refused, the schema is fixed."""
     try:
@@ -137,12 +158,12 @@ def explain(e: Exception) -> str:
     return first
 
 
-def _explain_omegaconf(e: OmegaConfBaseException) -> str:
+def _explain_omegaconf(e: OmegaConfBaseException, schema: type = Config) -> str:
     key = getattr(e, "full_key", None) or ""
     message = (getattr(e, "msg", None) or str(e)).strip().splitlines()[0]
     if message.startswith("Key '") and " not in " in message:
         parent, _, name = key.rpartition(".")
-        allowed = schema_keys(parent)
+        allowed = schema_keys(parent, schema)
         where = f"'{parent}'" if parent else "the top level"
         hint = f"; keys in {where}: {', '.join(allowed)}" if allowed else ""
         return f"unknown config key '{key}'{hint}"
@@ -151,9 +172,9 @@ def _explain_omegaconf(e: OmegaConfBaseException) -> str:
     return f"{key}: {message}" if key else message
 
 
-def schema_keys(dotted: str) -> list[str]:
+def schema_keys(dotted: str, schema: type = Config) -> list[str]:
     """Field names of the schema node at a dotted path ('' for the top level); [] if not a node."""
-    node: typing.Any = Config
+    node: typing.Any = schema
     for part in [p for p in dotted.split(".") if p]:
         fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
         if part not in fields:

@@ -336,6 +336,96 @@ class Config:
     """Show the traceback of an error instead of its one-line message."""
 
 
+class ExportFormat(str, Enum):
+    hf = "hf"
+    gguf = "gguf"
+    adapter = "adapter"
+
+
+class MergeMode(str, Enum):
+    """Which base weights the LoRA update is added to."""
+
+    dequantized = "dequantized"
+    original = "original"
+
+
+class GGUFType(str, Enum):
+    auto = "auto"
+    f32 = "f32"
+    f16 = "f16"
+    bf16 = "bf16"
+    q8_0 = "q8_0"
+
+
+@dataclass
+class ExportConfig:
+    format: ExportFormat = ExportFormat.hf
+    """hf: a merged Hugging Face model folder (safetensors); gguf: one GGUF file for llama.cpp-family runtimes;
+    adapter: the trained adapter alone (peft format), for loading or merging onto the base elsewhere."""
+    merge: MergeMode = MergeMode.dequantized
+    """dequantized: the base weights the adapter was trained against (the quantized weights, dequantized) plus
+    the LoRA update, so the export computes what was trained; original: the unquantized base checkpoint plus the
+    update (a different function: the adapter never saw those weights; the export reports by how much)."""
+    dtype: DType = DType.bfloat16
+    """Dtype of the merged weights: bfloat16, float16 or float32."""
+    gguf_type: GGUFType = GGUFType.auto
+    """GGUF tensor type of the weight matrices: f32, f16, bf16, q8_0 (8-bit blocks); auto follows export.dtype."""
+    max_shard_size: str = "5GB"
+    """Largest safetensors file of an hf export (KB / MB / GB, or KiB / MiB / GiB); also bounds the memory the
+    merge holds at once."""
+    probe_samples: int = 4
+    """Held-out sequences (the run's eval split, else a fixed text) the export is verified on."""
+    probe_seq_len: int = 256
+    """Longest probe sequence in tokens."""
+    max_kl: float = 1e-3
+    """Verification fails when the mean KL divergence (nats per token) between the export's next-token
+    distribution and that of the model it claims to be exceeds this."""
+    compare_original: bool = True
+    """Also measure how far merging into the original (unquantized) base would drift from the trained model;
+    costs one more load of the base."""
+
+
+@dataclass
+class ExportCommand:
+    """`qlora export`: a finished run (or one of its checkpoints) turned into a model that runs anywhere."""
+
+    run_dir: str = "???"
+    """The run folder (or a checkpoint folder inside it, RUN/checkpoints/step-N) to export."""
+    output_dir: str = "???"
+    """Folder the export is written to (must not hold files, unless overwrite=true)."""
+    export: ExportConfig = field(default_factory=ExportConfig)
+    overwrite: bool = False
+    """Replace an export already in output_dir (only once the new one is complete and verified)."""
+    debug: bool = False
+    """Show the traceback of an error instead of its one-line message."""
+
+
+@dataclass
+class GenerateCommand:
+    """`qlora generate`: sample from a run (quantized base + adapter) or from a merged export."""
+
+    prompt: str = "???"
+    """The user's message; formatted as the model was trained (the run's prompt format or chat template)."""
+    run_dir: str | None = None
+    """A run folder (or one of its checkpoints): the base model loaded as trained, plus the adapter."""
+    model: str | None = None
+    """A merged export folder (or any Hugging Face model folder or hub id)."""
+    max_new_tokens: int = 256
+    """Most tokens to generate."""
+    temperature: float = 0.7
+    """Sampling temperature; 0 decodes greedily."""
+    top_p: float = 0.9
+    """Nucleus sampling: sample from the smallest set of tokens whose probability reaches top_p."""
+    seed: int | None = None
+    """Seed for sampling (None: a different sample each time)."""
+    template: bool = True
+    """Format the prompt as in training (chat template, Alpaca prompt); false sends the text as it is."""
+    stream: bool = True
+    """Print tokens as they are generated."""
+    debug: bool = False
+    """Show the traceback of an error instead of its one-line message."""
+
+
 DATA_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 
 

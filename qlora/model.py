@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from qlora import hub
-from qlora.config import DType, ModelConfig, QuantConfig, QuantMethod
+from qlora.config import Config, DType, MixedPrecision, ModelConfig, QuantConfig, QuantMethod
 from qlora.errors import QloraError
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,18 @@ def compute_dtype(quant: QuantConfig, device: torch.device) -> torch.dtype:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
+
+
+def mixed_precision(choice: MixedPrecision) -> str:
+    """accelerate's mixed-precision mode for train.mixed_precision: auto is bf16 on a GPU that has it, else no."""
+    if choice != MixedPrecision.auto:
+        return choice.value
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def autocast_dtype(choice: MixedPrecision) -> torch.dtype | None:
+    """The dtype training autocast to (None: no autocast)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision(choice))
 
 
 def bnb_config(quant: QuantConfig, dtype: torch.dtype):  # -> transformers.BitsAndBytesConfig | None
@@ -107,6 +119,22 @@ def load_base_model(cfg: ModelConfig, quant: QuantConfig, device: torch.device) 
     model.requires_grad_(False)
     _keep_training_layout(model)
     return model
+
+
+def load_trained_model(config: Config, adapter: Path, device: torch.device):  # -> peft.PeftModel
+    """The base loaded and prepared as the run trained it, with its adapter from `adapter`, in eval mode."""
+    from peft import PeftModel, prepare_model_for_kbit_training
+
+    model = load_base_model(config.model, config.quant, device)
+    if config.quant.method != QuantMethod.none and config.train.prepare_kbit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    try:
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+    except Exception as e:  # noqa: BLE001 (peft raises ValueError, RuntimeError, KeyError, safetensors errors)
+        raise QloraError(f"the adapter in {adapter} is damaged or does not fit {config.model.name_or_path} "
+                         f"({str(e).splitlines()[0][:300]}); export the run folder that trained it, with its own "
+                         "config.yaml and adapter/") from e
+    return model.eval()
 
 
 def _keep_training_layout(model: nn.Module) -> None:

@@ -15,11 +15,14 @@ byte for byte as it was, and a new one empty.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from qlora import checkpoint
 from qlora.config import Config
@@ -71,8 +74,10 @@ def _same(a: Path, b: Path) -> bool:
     return a.expanduser().resolve() == b.expanduser().resolve()
 
 
-def config_yaml(config: Config) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(config))
+def config_yaml(config: Config, recipe: str | None = None) -> str:
+    """The resolved config as YAML; a first comment line names the recipe it came from, when known."""
+    header = f"# recipe: {recipe}\n" if recipe else ""
+    return header + OmegaConf.to_yaml(OmegaConf.structured(config))
 
 
 def clear(folder: Path) -> None:
@@ -126,3 +131,49 @@ class RunLog(logging.Handler):
         if self.file is not None:
             self.file.handle(logging.makeLogRecord({"name": "qlora", "levelno": logging.ERROR,
                                                     "levelname": "ERROR", "msg": message}))
+
+
+@dataclass
+class TrainedRun:
+    """A finished run, or one of its checkpoints, as `qlora export` and `qlora generate` read it."""
+
+    folder: Path
+    """The run folder."""
+    adapter: Path
+    """The adapter folder (peft format)."""
+    config: Config
+    state: dict
+    """The run's summary.json (or the checkpoint's state.json): step, eval losses, tokens."""
+    recipe: str | None
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.folder / "tokenizer"
+
+
+def read_trained(path: str, key: str = "run_dir") -> TrainedRun:
+    """The trained run at `path` (a run folder with adapter/, or a checkpoint folder); QloraError if it has none."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise QloraError(f"{key}={path}: no such folder; give a finished run's folder or one of its checkpoints")
+    if (folder / "state.json").is_file():  # a checkpoint
+        run_folder, config_file, state_file = checkpoint.run_dir_of(folder), folder / "config.yaml", "state.json"
+    else:
+        run_folder, config_file, state_file = folder, folder / "config.yaml", "summary.json"
+        if not (folder / "adapter").is_dir():
+            found = checkpoint.complete_checkpoints(folder)
+            why = f"; its newest checkpoint is {found[-1]}: export that, or finish the run with resume=auto" \
+                if found else " (and no checkpoint); is it a qlora run folder?"
+            raise QloraError(f"{key}={path} holds no finished run (no adapter/){why}")
+    try:
+        schema = OmegaConf.structured(Config)
+        text = config_file.read_text()
+        config = OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.create(text)))
+        state = json.loads((folder / state_file).read_text())
+    except (OSError, ValueError, OmegaConfBaseException) as e:
+        raise QloraError(f"{key}={path}: {config_file.name} or {state_file} is missing or unreadable "
+                         f"({str(e).splitlines()[0]}); is it a complete qlora run?") from e
+    if not (run_folder / "tokenizer").is_dir():
+        raise QloraError(f"{key}={path}: {run_folder / 'tokenizer'} is missing; the run folder is incomplete")
+    recipe = text.split("\n", 1)[0].removeprefix("# recipe: ") if text.startswith("# recipe: ") else None
+    return TrainedRun(run_folder, folder / "adapter", config, state, recipe)

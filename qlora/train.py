@@ -25,12 +25,19 @@ from accelerate import Accelerator
 
 from qlora import checkpoint, demo, hub, runfolder
 from qlora import data as qdata
-from qlora.config import Config, MixedPrecision, OnNonFinite, validate
+from qlora.config import Config, OnNonFinite, validate
 from qlora.errors import QloraError
 from qlora.files import write_folder_atomic, write_text_atomic
 from qlora.lora import attach_lora
 from qlora.metrics import MetricsLog
-from qlora.model import check_model_config, compute_dtype, load_base_model, load_tokenizer, quant_report
+from qlora.model import (
+    check_model_config,
+    compute_dtype,
+    load_base_model,
+    load_tokenizer,
+    mixed_precision,
+    quant_report,
+)
 from qlora.optim import build_optimizer, build_scheduler, load_optimizer_state
 
 log = logging.getLogger(__name__)
@@ -104,8 +111,10 @@ class Interrupted(QloraError):
         self.exit_code = 128 + signum
 
 
-def run(config: Config) -> RunResult:
+def run(config: Config, recipe: str | None = None) -> RunResult:
     """Fine-tune per `config`, writing the run folder; returns where it went and how it ended.
+
+    `recipe` names the recipe the config was composed from, recorded in config.yaml for model cards.
 
     With config.resume, continue from a checkpoint instead: the same steps, losses and adapter as a run that
     was never interrupted (bit for bit on CPU).
@@ -116,18 +125,18 @@ def run(config: Config) -> RunResult:
         try:
             resumed = checkpoint.find(config)
             state = _state_to_resume(resumed, config)
-            return _run(config, resumed, state, runlog)
+            return _run(config, resumed, state, runlog, recipe)
         except QloraError as e:
             runlog.error(str(e))
             raise
 
 
 def _run(config: Config, resumed: checkpoint.Checkpoint | None, state: TrainState,
-         runlog: runfolder.RunLog) -> RunResult:
+         runlog: runfolder.RunLog, recipe: str | None) -> RunResult:
     from accelerate.utils import set_seed
 
     out = Path(config.output_dir)
-    accelerator = Accelerator(mixed_precision=_mixed_precision(config.train.mixed_precision))
+    accelerator = Accelerator(mixed_precision=mixed_precision(config.train.mixed_precision))
     device = accelerator.device
     set_seed(config.seed)
     log.info("qlora run -> %s (device %s, compute dtype %s, mixed precision %s)%s", out, device,
@@ -190,7 +199,7 @@ def _run(config: Config, resumed: checkpoint.Checkpoint | None, state: TrainStat
         before = generate(model, tokenizer, prompts, config.train.max_new_tokens, device)
 
     # Everything checked: from here on, output_dir holds this run
-    _commit(config, tokenizer, runlog, accelerator)
+    _commit(config, tokenizer, runlog, accelerator, recipe)
     metrics = MetricsLog(out, config.train.tensorboard, start=state.step,
                          history=None if resumed is None else checkpoint.run_dir_of(resumed.path) / "metrics.jsonl")
     training = Training(config, out, accelerator, model, optimizer, scheduler, train_loader, sampler, eval_loader,
@@ -257,7 +266,7 @@ def _restore(resumed: checkpoint.Checkpoint, accelerator: Accelerator, model, op
                          "with the config that wrote it") from e
 
 
-def _commit(config: Config, tokenizer, runlog: runfolder.RunLog, accelerator) -> None:
+def _commit(config: Config, tokenizer, runlog: runfolder.RunLog, accelerator, recipe: str | None) -> None:
     """Take over output_dir: the run passed every check, so an old run may now be replaced."""
     out = Path(config.output_dir)
     if not accelerator.is_main_process:
@@ -266,7 +275,7 @@ def _commit(config: Config, tokenizer, runlog: runfolder.RunLog, accelerator) ->
     if config.overwrite:
         runfolder.clear(out)
     checkpoint.remove_partial(out)
-    write_text_atomic(out / "config.yaml", runfolder.config_yaml(config))
+    write_text_atomic(out / "config.yaml", runfolder.config_yaml(config, recipe))
     write_folder_atomic(out / "tokenizer", lambda folder: tokenizer.save_pretrained(str(folder)))
     runlog.commit(out / "train.log")
 
@@ -555,12 +564,6 @@ def _progress_bar(cfg, accelerator, start: int):
     enabled = cfg.progress and accelerator.is_main_process and sys.stderr.isatty()
     return tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step", disable=not enabled,
                 dynamic_ncols=True)
-
-
-def _mixed_precision(choice: MixedPrecision) -> str:
-    if choice != MixedPrecision.auto:
-        return choice.value
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
 def _log_base(model, config: Config, seconds: float) -> None:

@@ -27,13 +27,14 @@ from qlora.data.batches import (
     unpacked,
 )
 from qlora.data.encode import IGNORE_INDEX, DataStats, Example, encode, encode_source, special_prefix
-from qlora.data.formats import CHAT_TEMPLATES, alpaca_prompt, resolve_chat_template
+from qlora.data.formats import CHAT_TEMPLATES, alpaca_chat_template, alpaca_prompt, resolve_chat_template
 from qlora.data.records import Source, read_source
 
 __all__ = [
     "CHAT_TEMPLATES", "IGNORE_INDEX", "Collator", "DataStats", "Example", "LengthGroupedBatches", "Source",
-    "TokenizedData", "alpaca_prompt", "encode", "eval_batches", "first_batch", "load", "loaders", "model_inputs",
-    "pack", "padding_fraction", "prompt_ids", "read_source", "unpacked", "use_chat_template",
+    "TokenizedData", "alpaca_chat_template", "alpaca_prompt", "encode", "eval_batches", "first_batch", "load",
+    "loaders", "model_inputs", "pack", "padding_fraction", "prompt_ids", "read_source", "stop_token_ids", "unpacked",
+    "use_chat_template",
 ]
 
 log = logging.getLogger(__name__)
@@ -116,3 +117,20 @@ def prompt_ids(text: str, cfg: DataConfig, tokenizer) -> list[int]:
     rendered = alpaca_prompt(text) if cfg.format == DataFormat.alpaca else text
     return special_prefix(tokenizer) + tokenizer(rendered, add_special_tokens=False)["input_ids"]
 
+
+
+def stop_token_ids(cfg: DataConfig, tokenizer) -> list[int]:
+    """The tokens the trained model ends an answer with: EOS, and for chat data the special token that closes
+    an assistant turn in the template (such as <|im_end|> or <|eot_id|>)."""
+    ids = [tokenizer.eos_token_id]
+    if cfg.format != DataFormat.chat or not tokenizer.chat_template:
+        return ids
+    mark = "qlora-answer-end"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}],
+                                         tokenize=False)
+    after = text[text.rindex(mark) + len(mark):]
+    special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    first = next((t for t in tokenizer(after, add_special_tokens=False)["input_ids"] if t in special), None)
+    if first is not None and first not in ids:
+        ids.append(first)
+    return ids

@@ -61,6 +61,18 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:
     return ALPACA_PROMPT.format(instruction=instruction)
 
 
+def alpaca_chat_template(bos: bool) -> str:
+    """A Jinja chat template that renders a user message as the Alpaca prompt (instruction only), so that
+    `apply_chat_template` in any runtime prompts an Alpaca-trained model as it was trained."""
+    head, _, tail = ALPACA_PROMPT.partition("{instruction}")
+    return (
+        ("{{ bos_token }}" if bos else "")
+        + "{% for message in messages %}{% if message['role'] == 'user' %}"
+        + "{{ " + json.dumps(head) + " + message['content'] + " + json.dumps(tail) + " }}"
+        + "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+    )
+
+
 def resolve_chat_template(cfg: DataConfig, tokenizer) -> str | None:
     """The Jinja chat template that data.chat_template selects, or None for formats other than chat."""
     if cfg.format != DataFormat.chat:

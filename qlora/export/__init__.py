@@ -1,0 +1,343 @@
+"""`qlora export`: a trained run turned into a model that runs anywhere, verified to compute what was trained.
+
+run -> probe text -> trained model (quantized base + adapter) and its reference logits -> merged tensors written
+shard by shard -> the export loaded back with plain transformers and compared -> (how far `original` would drift)
+-> (GGUF written, read back and compared) -> model card -> the folder renamed into place.
+
+Everything is written into a hidden sibling of output_dir first. A verified export is renamed to output_dir;
+one that fails verification is kept as OUTPUT_DIR.unverified and the command exits non-zero; any other error
+leaves nothing behind. An existing output_dir is only replaced (overwrite=true) by a complete, verified export.
+
+    output_dir/                      (export.format=hf)
+        config.json  generation_config.json  model*.safetensors  tokenizer files  README.md  verification.json
+    output_dir/                      (export.format=gguf)
+        NAME-TYPE.gguf  README.md  verification.json
+    output_dir/                      (export.format=adapter)
+        adapter_config.json  adapter_model.safetensors  tokenizer files  README.md  verification.json
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from qlora import hub
+from qlora.config import DType, ExportCommand, ExportConfig, ExportFormat, GGUFType, MergeMode
+from qlora.errors import QloraError
+from qlora.export.verify import Comparison, Probe, compare, logits_of, probe
+from qlora.files import fsync_dir, fsync_tree
+from qlora.runfolder import TrainedRun, read_trained
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {DType.bfloat16: torch.bfloat16, DType.float16: torch.float16, DType.float32: torch.float32}
+_GGUF_FOR_DTYPE = {DType.bfloat16: "bf16", DType.float16: "f16", DType.float32: "f32"}
+
+
+@dataclass
+class Verification:
+    """What the export was checked against, and whether it passed."""
+
+    probe: str
+    max_kl: float
+    checks: dict[str, Comparison] = field(default_factory=dict)
+    """Comparisons that must pass: candidate vs the model it claims to be."""
+    drift: dict[str, Comparison] = field(default_factory=dict)
+    """Comparisons reported for information (the `original` merge vs what was trained)."""
+    errors: list[str] = field(default_factory=list)
+    """Checks that could not even run (the export does not load); each one fails verification."""
+
+    @property
+    def failed(self) -> list[str]:
+        too_far = [f"{name}: mean KL {c.mean_kl:.3g} nats, max |logit diff| {c.max_abs_logit_diff:.3g}"
+                   for name, c in self.checks.items() if not c.mean_kl <= self.max_kl]
+        return self.errors + too_far
+
+    def to_json(self) -> dict:
+        return {"probe": self.probe, "max_kl": self.max_kl, "passed": not self.failed, "failures": self.failed,
+                "checks": {k: v.row() for k, v in self.checks.items()},
+                "drift": {k: v.row() for k, v in self.drift.items()}}
+
+
+@dataclass
+class ExportResult:
+    output_dir: Path
+    verification: Verification
+    files: list[str]
+
+
+def export(cmd: ExportCommand) -> ExportResult:
+    """Export the run per `cmd`; QloraError (with the export kept as OUTPUT_DIR.unverified) if it fails to verify."""
+    options = cmd.export
+    validate_export(cmd)
+    out = Path(cmd.output_dir).expanduser()
+    run = read_trained(cmd.run_dir)
+    config = run.config
+    hub.prepare(hub.hub_ids(config))
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    log.info("export %s (step %s) -> %s as %s, merge=%s, dtype=%s", run.folder, run.state.get("step"), out,
+             options.format.value, options.merge.value, options.dtype.value)
+
+    from qlora import demo
+    from qlora.model import autocast_dtype, load_trained_model
+
+    demo.prepare_assets(config)  # a scratch base lives in the cache and may have been cleared
+    tokenizer = export_tokenizer(run)
+    sample = probe(config, tokenizer, options.probe_samples, options.probe_seq_len)
+    autocast = autocast_dtype(config.train.mixed_precision)
+
+    t0 = time.perf_counter()
+    trained = load_trained_model(config, run.adapter, device)
+    reference = logits_of(trained, sample, autocast)
+    verification = Verification(sample.source, options.max_kl)
+    log.info("trained model loaded and probed on %s in %.1fs", sample.source, time.perf_counter() - t0)
+
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        if options.format == ExportFormat.adapter:
+            _write_adapter(run, tokenizer, staging)
+            del trained
+        else:
+            hf_dir = staging / ".hf" if options.format == ExportFormat.gguf else staging
+            hf_dir.mkdir(exist_ok=True)
+            _write_merged(trained, run, tokenizer, options, hf_dir)
+            del trained
+            _free(device)
+        original = None
+        if options.compare_original or options.merge == MergeMode.original:
+            original = logits_of(_load_original_with_adapter(run, device), sample, autocast)
+            _free(device)
+            verification.drift["original_merge_vs_trained"] = compare(reference, original, sample)
+        if options.format != ExportFormat.adapter:
+            merged = _check_merged(hf_dir, options, sample, reference, original, verification, device)
+            if options.format == ExportFormat.gguf and merged is not None and not verification.failed:
+                _write_and_check_gguf(hf_dir, staging, out.name, options, sample, reference, merged, verification)
+        _write_card(run, cmd, verification, staging, tokenizer)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return _finish(staging, out, cmd.overwrite, verification)
+
+
+def validate_export(cmd: ExportCommand) -> None:
+    """Check the options and output_dir before anything loads."""
+    from qlora.errors import ConfigError
+
+    problems = []
+    options = cmd.export
+    if options.dtype == DType.auto:
+        problems.append("export.dtype must be bfloat16, float16 or float32 (got auto)")
+    if options.probe_samples <= 0 or options.probe_seq_len < 2:
+        problems.append("export.probe_samples must be > 0 and export.probe_seq_len >= 2")
+    if not options.max_kl > 0:
+        problems.append(f"export.max_kl must be > 0 (got {options.max_kl})")
+    if options.format != ExportFormat.gguf and options.gguf_type != GGUFType.auto:
+        problems.append(f"export.gguf_type applies to export.format=gguf (got format={options.format.value})")
+    if options.format == ExportFormat.adapter and options.merge == MergeMode.original:
+        problems.append("export.merge applies to merged exports; export.format=adapter writes the adapter unmerged")
+    if problems:
+        raise ConfigError(problems)
+    from qlora.export.merge import parse_size
+
+    parse_size(options.max_shard_size)
+    out = Path(cmd.output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise QloraError(f"output_dir {out} is a file; give a folder path")
+    if out.is_dir() and any(out.iterdir()) and not cmd.overwrite:
+        raise QloraError(f"output_dir {out} already holds files; choose another output_dir or pass overwrite=true "
+                         "(the old export is replaced only once the new one is verified)")
+    run = Path(cmd.run_dir).expanduser().resolve()
+    if out.resolve() == run or run.is_relative_to(out.resolve()):
+        raise QloraError(f"output_dir {out} would replace the run itself; choose a folder outside {cmd.run_dir}")
+
+
+def export_tokenizer(run: TrainedRun):
+    """The run's tokenizer, with a chat template that prompts the model as it was trained (Alpaca runs get an
+    Alpaca template), so plain `apply_chat_template` and GGUF runtimes format prompts right."""
+    from transformers import AutoTokenizer
+
+    from qlora import data as qdata
+    from qlora.config import DataFormat
+
+    tokenizer = AutoTokenizer.from_pretrained(str(run.tokenizer))
+    if run.config.data.format == DataFormat.alpaca:
+        bos = qdata.special_prefix(tokenizer) == [tokenizer.bos_token_id]
+        tokenizer.chat_template = qdata.alpaca_chat_template(bos)
+    return tokenizer
+
+
+def _write_merged(trained, run: TrainedRun, tokenizer, options: ExportConfig, folder: Path) -> None:
+    """config.json, generation_config.json, tokenizer and the merged weights, written into `folder`."""
+    from transformers import AutoConfig
+
+    from qlora.export.merge import OriginalWeights, merged_tensors, parse_size, write_safetensors
+
+    dtype = _DTYPES[options.dtype]
+    original = OriginalWeights(run.config.model) if options.merge == MergeMode.original else None
+    t0 = time.perf_counter()
+    entries = merged_tensors(trained, options.merge, dtype, original)
+    total = write_safetensors(entries, folder, parse_size(options.max_shard_size), dtype)
+    log.info("merged %d tensors (%.1f MiB, %s) in %.1fs", len(entries), total / 2**20, options.dtype.value,
+             time.perf_counter() - t0)
+    model_config = AutoConfig.from_pretrained(run.config.model.name_or_path, revision=run.config.model.revision,
+                                              trust_remote_code=run.config.model.trust_remote_code)
+    if hasattr(model_config, "quantization_config"):
+        del model_config.quantization_config
+    model_config.dtype = dtype
+    model_config.use_cache = True
+    model_config.save_pretrained(str(folder))
+    _generation_config(run, tokenizer).save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+
+
+def _generation_config(run: TrainedRun, tokenizer):
+    """The base model's generation defaults, stopping at the tokens the fine-tune ends its answers with."""
+    from transformers import GenerationConfig
+
+    from qlora import data as qdata
+
+    model = run.config.model
+    try:
+        generation = GenerationConfig.from_pretrained(model.name_or_path, revision=model.revision)
+    except (OSError, ValueError):
+        generation = GenerationConfig()
+    generation.eos_token_id = qdata.stop_token_ids(run.config.data, tokenizer)
+    generation.pad_token_id = tokenizer.pad_token_id
+    if tokenizer.bos_token_id is not None:
+        generation.bos_token_id = tokenizer.bos_token_id
+    return generation
+
+
+def _load_original_with_adapter(run: TrainedRun, device: torch.device):
+    """The unquantized base checkpoint with the adapter applied unmerged: what export.merge=original computes."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from qlora.model import compute_dtype
+
+    model = run.config.model
+    try:
+        base = AutoModelForCausalLM.from_pretrained(
+            model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code,
+            dtype=compute_dtype(run.config.quant, device), device_map=_device_map(device),
+            attn_implementation=model.attn_implementation)
+    except (OSError, ValueError) as e:
+        raise QloraError(f"could not load the unquantized base {model.name_or_path} to measure the original merge "
+                         f"({str(e).splitlines()[0]}); pass export.compare_original=false to skip it") from e
+    return PeftModel.from_pretrained(base, str(run.adapter), is_trainable=False).eval()
+
+
+def _check_merged(hf_dir: Path, options: ExportConfig, sample: Probe, reference: list[torch.Tensor],
+                  original: list[torch.Tensor] | None, verification: Verification,
+                  device: torch.device) -> list[torch.Tensor] | None:
+    """Load the merged folder with plain transformers and compare it with the model it claims to be."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=_DTYPES[options.dtype],
+                                                           device_map=_device_map(device), output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        verification.errors.append(f"transformers cannot load the merged export ({str(e).splitlines()[0]})")
+        return None
+    wrong = {k: sorted(v)[:5] for k, v in info.items()
+             if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if wrong:
+        verification.errors.append(f"the merged weights do not fit the architecture: {wrong}")
+        return None
+    merged = logits_of(model, sample)
+    del model
+    _free(device)
+    if options.merge == MergeMode.dequantized:
+        verification.checks["merged_vs_trained"] = compare(reference, merged, sample)
+    else:
+        assert original is not None
+        verification.checks["merged_vs_original_unmerged"] = compare(original, merged, sample)
+        verification.drift["merged_vs_trained"] = compare(reference, merged, sample)
+    return merged
+
+
+def _write_and_check_gguf(hf_dir: Path, staging: Path, name: str, options: ExportConfig, sample: Probe,
+                          reference: list[torch.Tensor], merged: list[torch.Tensor],
+                          verification: Verification) -> None:
+    from qlora.export.gguf_file import load_gguf_model, write_gguf
+
+    tensor_type = _GGUF_FOR_DTYPE[options.dtype] if options.gguf_type == GGUFType.auto else options.gguf_type.value
+    path = staging / f"{name}-{tensor_type}.gguf"
+    t0 = time.perf_counter()
+    write_gguf(hf_dir, path, tensor_type, name=name)
+    log.info("wrote %s (%.1f MiB) in %.1fs", path.name, path.stat().st_size / 2**20, time.perf_counter() - t0)
+    model, _ = load_gguf_model(path)
+    read_back = logits_of(model, sample)
+    del model
+    verification.checks["gguf_vs_merged"] = compare(merged, read_back, sample)
+    verification.drift["gguf_vs_trained"] = compare(reference, read_back, sample)
+    shutil.copy2(hf_dir / "generation_config.json", staging / "generation_config.json")
+    shutil.rmtree(hf_dir)
+
+
+def _write_adapter(run: TrainedRun, tokenizer, folder: Path) -> None:
+    """The adapter as trained (peft format, base model named), with the tokenizer."""
+    for file in run.adapter.iterdir():
+        if file.is_file() and file.name != "README.md":
+            shutil.copy2(file, folder / file.name)
+    adapter_config = json.loads((folder / "adapter_config.json").read_text())
+    adapter_config["base_model_name_or_path"] = run.config.model.name_or_path
+    adapter_config["revision"] = run.config.model.revision
+    (folder / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
+    tokenizer.save_pretrained(str(folder))
+
+
+def _write_card(run: TrainedRun, cmd: ExportCommand, verification: Verification, folder: Path, tokenizer) -> None:
+    from qlora.export.card import model_card
+
+    (folder / "verification.json").write_text(json.dumps(verification.to_json(), indent=2) + "\n")
+    files = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+    (folder / "README.md").write_text(model_card(run, cmd, verification, files, tokenizer))
+
+
+def _finish(staging: Path, out: Path, overwrite: bool, verification: Verification) -> ExportResult:
+    """Rename the staged export into place: output_dir when verified, OUTPUT_DIR.unverified when not."""
+    fsync_tree(staging)
+    files = sorted(p.name for p in staging.iterdir())
+    if verification.failed:
+        kept = out.with_name(out.name + ".unverified")
+        shutil.rmtree(kept, ignore_errors=True)
+        staging.replace(kept)
+        fsync_dir(kept.parent)
+        raise QloraError(f"the export does not compute what it should ({'; '.join(verification.failed)}; limit "
+                         f"export.max_kl={verification.max_kl}); kept for inspection as {kept}, see its "
+                         "verification.json")
+    old = out.with_name(f".{out.name}.old")
+    if out.exists():
+        assert overwrite or not any(out.iterdir())
+        shutil.rmtree(old, ignore_errors=True)
+        out.replace(old)
+    staging.replace(out)
+    fsync_dir(out.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    for name, c in {**verification.checks, **verification.drift}.items():
+        log.info("%s: max |logit diff| %.3g, mean KL %.3g nats, top-1 agreement %.1f%%, perplexity %.3f vs %.3f",
+                 name, c.max_abs_logit_diff, c.mean_kl, 100 * c.top1_agreement, c.perplexity_reference,
+                 c.perplexity_candidate)
+    log.info("export verified and written to %s", out)
+    return ExportResult(out, verification, files)
+
+
+def _device_map(device: torch.device):
+    # On a GPU let accelerate spill what does not fit to the CPU; verification needs logits, not speed.
+    return "auto" if device.type == "cuda" else {"": device}
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
