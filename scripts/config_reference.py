@@ -49,7 +49,7 @@ def rows(cls, prefix: str, docs, annotations) -> list[str]:
         key = f"{prefix}{f.name}"
         nested = next((a for a in (hints[f.name], *typing.get_args(hints[f.name])) if dataclasses.is_dataclass(a)),
                       None)
-        if nested is not None and cls is schema.Config:
+        if nested is not None and cls in (schema.Config, schema.ExportCommand):
             continue  # a config group: documented in its own section
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         text = docs.get((cls.__name__, f.name), "")
@@ -81,6 +81,12 @@ def render() -> str:
         options = sorted(p.stem for p in (ROOT / "configs" / group).glob("*.yaml"))
         lines += [f"## `{group}` (options: {', '.join(options)})", "", *header, *rows(cls, f"{group}.", docs,
                                                                                        annotations), ""]
+    lines += ["## `qlora export`", "",
+              "`qlora export run_dir=RUN output_dir=DIR [KEY=VALUE ...]` (see docs/export.md).", "", *header,
+              *rows(schema.ExportCommand, "", docs, annotations),
+              *rows(schema.ExportConfig, "export.", docs, annotations), "",
+              "## `qlora generate`", "", "`qlora generate run_dir=RUN|model=EXPORT prompt=TEXT [KEY=VALUE ...]`.", "",
+              *header, *rows(schema.GenerateCommand, "", docs, annotations), ""]
     return "\n".join(lines)
 
 

@@ -292,3 +292,12 @@ def test_every_quant_mode_and_lora_variant_merges_exactly(tiny_config, tmp_path,
         assert check.mean_kl < 1e-4 and check.top1_agreement > 0.95, check
     else:
         assert check.mean_kl < 1e-8 and check.max_abs_logit_diff < 1e-4, check
+
+
+def test_the_last_checkpoint_exports_the_same_bytes_as_the_finished_run(trained):
+    root, result = trained
+    last = sorted((result.output_dir / "checkpoints").iterdir())[-1]
+    from_run = _export(trained, "from-run", "export.compare_original=false").output_dir
+    from_checkpoint = export(compose_command(ExportCommand, [
+        f"run_dir={last}", f"output_dir={root / 'from-checkpoint'}", "export.compare_original=false"])).output_dir
+    assert (from_run / "model.safetensors").read_bytes() == (from_checkpoint / "model.safetensors").read_bytes()
