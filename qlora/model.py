@@ -19,13 +19,13 @@ from qlora.errors import QloraError
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {DType.bfloat16: torch.bfloat16, DType.float16: torch.float16, DType.float32: torch.float32}
+TORCH_DTYPES = {DType.bfloat16: torch.bfloat16, DType.float16: torch.float16, DType.float32: torch.float32}
 
 
 def compute_dtype(quant: QuantConfig, device: torch.device) -> torch.dtype:
     """The dtype matmuls run in: the configured one, or for `auto` bfloat16 on a GPU that has it, else float32."""
     if quant.compute_dtype != DType.auto:
-        return _DTYPES[quant.compute_dtype]
+        return TORCH_DTYPES[quant.compute_dtype]
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32

@@ -33,11 +33,11 @@ from qlora.config import DType, ExportCommand, ExportConfig, ExportFormat, GGUFT
 from qlora.errors import QloraError
 from qlora.export.verify import Comparison, Probe, compare, logits_of, probe
 from qlora.files import fsync_dir, fsync_tree
+from qlora.model import TORCH_DTYPES
 from qlora.runfolder import TrainedRun, read_trained
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {DType.bfloat16: torch.bfloat16, DType.float16: torch.float16, DType.float32: torch.float32}
 _GGUF_FOR_DTYPE = {DType.bfloat16: "bf16", DType.float16: "f16", DType.float32: "f32"}
 
 
@@ -181,7 +181,7 @@ def _write_merged(trained, run: TrainedRun, tokenizer, options: ExportConfig, fo
 
     from qlora.export.merge import OriginalWeights, merged_tensors, parse_size, write_safetensors
 
-    dtype = _DTYPES[options.dtype]
+    dtype = TORCH_DTYPES[options.dtype]
     original = OriginalWeights(run.config.model) if options.merge == MergeMode.original else None
     t0 = time.perf_counter()
     entries = merged_tensors(trained, options.merge, dtype, original)
@@ -243,7 +243,7 @@ def _check_merged(hf_dir: Path, options: ExportConfig, sample: Probe, reference:
     from transformers import AutoModelForCausalLM
 
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=_DTYPES[options.dtype],
+        model, info = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=TORCH_DTYPES[options.dtype],
                                                            device_map=_device_map(device), output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as e:
         verification.errors.append(f"transformers cannot load the merged export ({str(e).splitlines()[0]})")
