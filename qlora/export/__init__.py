@@ -103,15 +103,14 @@ def export(cmd: ExportCommand) -> ExportResult:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
+        hf_dir = staging / ".hf" if options.format == ExportFormat.gguf else staging
         if options.format == ExportFormat.adapter:
             _write_adapter(run, tokenizer, staging)
-            del trained
         else:
-            hf_dir = staging / ".hf" if options.format == ExportFormat.gguf else staging
             hf_dir.mkdir(exist_ok=True)
             _write_merged(trained, run, tokenizer, options, hf_dir)
-            del trained
-            _free(device)
+        del trained  # one model on the device at a time from here on
+        _free(device)
         original = None
         if options.compare_original or options.merge == MergeMode.original:
             original = logits_of(_load_original_with_adapter(run, device), sample, autocast)
