@@ -1,4 +1,4 @@
-"""The `qlora` command: `qlora train [hydra overrides]`, `export`, `generate`, `data preview`, `recipes`.
+"""The `qlora` command: `qlora train [hydra overrides]`, `export`, `generate`, `eval`, `data preview`, `recipes`.
 
 `train` composes and validates the config first (and every point of a `-m` sweep), so a bad key, type,
 option or value is reported as one line with exit status 2 before Hydra creates any folder or anything is
@@ -21,6 +21,9 @@ commands:
                       against the trained model, and write a Hugging Face folder, a GGUF file or the adapter
   generate run_dir=RUN|model=EXPORT prompt=TEXT [temperature=0.7 top_p=0.9 max_new_tokens=256 seed=N]
                       answer a prompt (formatted as in training), streamed to the terminal
+  eval run_dir=RUN|model=MODEL [data.path=FILE] [quant=nf4-dq] [base=true] [output=eval.json]
+                      perplexity and mean loss per trained token of a run (on its held-out split by default),
+                      a merged export or a base model, as a table and as JSON
   data preview [--samples N] [overrides]
                       show samples as trained (trained tokens marked), lengths, counts and padding,
                       without loading the model: qlora data preview recipe=NAME
@@ -44,11 +47,12 @@ def main(argv: list[str] | None = None) -> int:
         return export(rest)
     if command == "generate":
         return generate(rest)
+    if command == "eval":
+        return evaluate(rest)
     if command == "data" and rest[:1] == ["preview"]:
         return data_preview(rest[1:])
-    print(f"qlora: unknown command '{' '.join(argv[:2])}'; choose one of: train, export, generate, "
-          "data preview, recipes "
-          "(qlora --help)", file=sys.stderr)
+    print(f"qlora: unknown command '{' '.join(argv[:2])}'; choose one of: train, export, generate, eval, "
+          "data preview, recipes (qlora --help)", file=sys.stderr)
     return 2
 
 
@@ -87,8 +91,26 @@ def generate(args: list[str]) -> int:
     return _command(GenerateCommand, args, job)
 
 
-def _command(schema: type, args: list[str], job) -> int:
-    """Parse key=value arguments into `schema`, run `job` on it, and turn QloraErrors into one-line messages."""
+def evaluate(args: list[str]) -> int:
+    """qlora eval run_dir=...|model=... [data.KEY=VALUE ...] [quant=...] [base=true] [output=...]"""
+    from qlora.config import EvalCommand
+
+    def job(cmd: EvalCommand) -> None:
+        from qlora.evaluation import evaluate as run_evaluate
+
+        run_evaluate(cmd)
+
+    def defaults() -> dict | None:
+        from qlora.evaluation import command_defaults
+
+        return command_defaults(args)
+
+    return _command(EvalCommand, args, job, defaults)
+
+
+def _command(schema: type, args: list[str], job, defaults=None) -> int:
+    """Parse key=value arguments into `schema` (over `defaults()`, if given), run `job` on it, and turn
+    QloraErrors into one-line messages."""
     from qlora.errors import QloraError
 
     if args[:1] in (["-h"], ["--help"]):
@@ -97,7 +119,7 @@ def _command(schema: type, args: list[str], job) -> int:
     try:
         from qlora.composition import compose_command
 
-        cmd = compose_command(schema, args)
+        cmd = compose_command(schema, args, defaults() if defaults else None)
         _quiet_libraries()
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
         logging.getLogger("qlora").setLevel(logging.INFO)

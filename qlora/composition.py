@@ -21,7 +21,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
-from qlora.config import Config
+from qlora.config import Config, QuantConfig
 from qlora.errors import ConfigError
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -96,13 +96,16 @@ def compose_config(overrides: list[str]) -> Config:
         return to_config(cfg)
 
 
-def compose_command(schema: type, args: list[str]):
-    """A command's typed options (`qlora export`, `qlora generate`) from `key=value` arguments.
+def compose_command(schema: type, args: list[str], defaults: dict | None = None):
+    """A command's typed options (`qlora export`, `generate`, `eval`) from `key=value` arguments.
 
     Values are taken as written (after the first '='), so free text such as a prompt needs no quoting beyond the
-    shell's; the schema converts numbers, booleans and choices and rejects unknown keys.
+    shell's; the schema converts numbers, booleans and choices and rejects unknown keys. `defaults` replace the
+    schema's own defaults (a run's data settings, say) before the arguments are applied.
     """
     cfg = OmegaConf.structured(schema)
+    if defaults:
+        cfg = OmegaConf.merge(cfg, defaults)
     for arg in args:
         key, sep, value = arg.partition("=")
         if not sep or not key:
@@ -115,6 +118,15 @@ def compose_command(schema: type, args: list[str]):
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise ConfigError(_explain_omegaconf(e, schema)) from e
+
+
+def quant_option(name: str) -> QuantConfig:
+    """Option `name` of the quant config group (configs/quant/NAME.yaml), as `quant=NAME` selects it in training."""
+    options = sorted(p.stem for p in (CONFIG_DIR / "quant").glob("*.yaml"))
+    if name not in options:
+        raise ConfigError(f"quant={name} is not a quant option; choose one of: {', '.join(options)}")
+    node = OmegaConf.merge(OmegaConf.structured(QuantConfig), OmegaConf.load(CONFIG_DIR / "quant" / f"{name}.yaml"))
+    return OmegaConf.to_object(node)
 
 
 def parse_overrides(overrides: list[str]) -> list:

@@ -426,6 +426,49 @@ class GenerateCommand:
     """Show the traceback of an error instead of its one-line message."""
 
 
+class EvalSubset(str, Enum):
+    """Which of the dataset's sequences `qlora eval` scores."""
+
+    auto = "auto"
+    eval = "eval"
+    train = "train"
+    all = "all"
+
+
+@dataclass
+class EvalCommand:
+    """`qlora eval`: perplexity and mean token loss of a run, a merged export or a base model on a dataset."""
+
+    run_dir: str | None = None
+    """A run folder (or one of its checkpoints): the base loaded as trained, plus the adapter."""
+    model: str | None = None
+    """A Hugging Face model folder or hub id: a base model or a merged export."""
+    quant: str | None = None
+    """Load the base quantized as the quant config group's option of that name: none, nf4, nf4-dq, fp4, fp4-dq,
+    int8. Default: as the run trained; a model= loads unquantized."""
+    base: bool = False
+    """With run_dir: also score the base without the adapter (as loaded for the run), as a second row."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The dataset, with the keys of training's data group. With run_dir it starts as the run's data settings,
+    so only what differs needs giving (e.g. data.path=other.json)."""
+    subset: EvalSubset = EvalSubset.auto
+    """Which sequences to score: eval (the held-out split, drawn as in training), train, or all; auto is eval for
+    a run on its own data and all otherwise."""
+    seq_len: int | None = None
+    """Longest sequence in tokens (longer samples as data.overlong says; text is split into windows). Default:
+    the run's train.seq_len, else the model's positions up to 2048."""
+    batch_size: int = 8
+    """Sequences per forward pass."""
+    max_sequences: int | None = None
+    """Score at most this many sequences (the first of the subset, in data order)."""
+    seed: int | None = None
+    """Seed of the train/eval split. Default: the run's seed, else 42 (training's default)."""
+    output: str = "eval.json"
+    """JSON file the results are written to (replaced whole)."""
+    debug: bool = False
+    """Show the traceback of an error instead of its one-line message."""
+
+
 DATA_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 
 

@@ -20,13 +20,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 
 from qlora import checkpoint, demo, hub, runfolder
 from qlora import data as qdata
 from qlora.config import Config, OnNonFinite, validate
 from qlora.errors import QloraError
+from qlora.evaluation import perplexity, score, token_loss_sum
 from qlora.files import write_folder_atomic, write_text_atomic
 from qlora.lora import attach_lora
 from qlora.metrics import MetricsLog
@@ -220,7 +220,7 @@ def _run(config: Config, resumed: checkpoint.Checkpoint | None, state: TrainStat
         log.info("sample: %s\n  before: %s\n  after:  %s", s["prompt"], s["before"] or "(nothing)", s["after"])
     if state.first_eval_loss is not None and state.final_eval_loss is not None:
         log.info("eval loss %.4f -> %.4f (perplexity %.2f -> %.2f)", state.first_eval_loss, state.final_eval_loss,
-                 math.exp(min(state.first_eval_loss, 50)), math.exp(min(state.final_eval_loss, 50)))
+                 perplexity(state.first_eval_loss), perplexity(state.final_eval_loss))
     log.info("saved adapter, tokenizer and config to %s", out)
     return RunResult(out, state, samples, accelerator.unwrap_model(model), tokenizer, optimizer.optimizer)
 
@@ -437,32 +437,9 @@ def _oom_message(config: Config, step: int) -> str:
 
 
 def _evaluate(training: Training) -> float:
+    """Mean loss per trained token over (at most train.eval_max_batches of) the eval split."""
     with training.accelerator.autocast():
-        return evaluate(training.model, training.eval_loader, training.config.train.eval_max_batches)
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over the positions whose label is not IGNORE_INDEX."""
-    logits = logits[:, :-1].float()
-    targets = labels[:, 1:].to(logits.device)
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                           ignore_index=qdata.IGNORE_INDEX, reduction="sum")
-
-
-@torch.no_grad()
-def evaluate(model, loader, max_batches: int) -> float:
-    """Mean loss per trained token over (at most `max_batches` of) the eval loader."""
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64)
-    count = 0
-    for i, batch in enumerate(loader):
-        if i >= max_batches:
-            break
-        logits = model(**qdata.model_inputs(batch)).logits
-        total += token_loss_sum(logits, batch["labels"]).double().cpu()
-        count += int((batch["labels"][:, 1:] != qdata.IGNORE_INDEX).sum())
-    model.train()
-    return float(total) / max(count, 1)
+        return score(training.model, training.eval_loader, training.config.train.eval_max_batches).mean_loss
 
 
 @torch.no_grad()

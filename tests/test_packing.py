@@ -12,7 +12,8 @@ from qlora.config import DataConfig, DataFormat
 from qlora.data.batches import split_by_record
 from qlora.demo import build_demo_tokenizer, demo_records
 from qlora.errors import QloraError
-from qlora.train import check_packed_attention, token_loss_sum
+from qlora.evaluation import token_loss_sum
+from qlora.train import check_packed_attention
 
 IGNORE = qdata.IGNORE_INDEX
 

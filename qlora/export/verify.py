@@ -8,7 +8,6 @@ the model that produced them can be freed before the next one loads.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from qlora.config import Config
-from qlora.data import IGNORE_INDEX
 from qlora.errors import QloraError
+from qlora.evaluation import perplexity, scored_tokens, token_loss_sum
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +108,9 @@ def compare(reference: list[torch.Tensor], candidate: list[torch.Tensor], probe:
         kl_sum += (log_p.exp() * (log_p - log_q)).sum().item()
         agree += int((ref.argmax(-1) == cand.argmax(-1)).sum())
         positions += ref.shape[0]
-        targets = labels[1:]
-        mask = targets != IGNORE_INDEX
-        if mask.any():
-            for key, log_probs in (("reference", log_p), ("candidate", log_q)):
-                nll[key] -= log_probs[:-1][mask].gather(1, targets[mask, None]).sum().item()
-            scored += int(mask.sum())
+        for key, log_probs in (("reference", log_p), ("candidate", log_q)):  # perplexity as `qlora eval` counts it
+            nll[key] += token_loss_sum(log_probs[None], labels[None]).item()
+        scored += scored_tokens(labels[None])
     scored = max(scored, 1)
     return Comparison(max_diff, kl_sum / positions, agree / positions,
-                      math.exp(min(nll["reference"] / scored, 50)), math.exp(min(nll["candidate"] / scored, 50)))
+                      perplexity(nll["reference"] / scored), perplexity(nll["candidate"] / scored))

@@ -1,0 +1,326 @@
+"""Perplexity and mean token loss on a dataset. `qlora eval`, training's eval loss and the export's verification
+all count the same way, with `token_loss_sum`.
+
+The loss is the next-token cross-entropy over the tokens the data format trains (responses and their EOS for
+alpaca and chat data, every token for text), summed over the dataset and divided by the number of those tokens;
+the perplexity is its exponential. Padding never counts, so neither figure depends on the batch size.
+
+    qlora eval run_dir=RUN                        # a run on its held-out split, as training measured its eval loss
+    qlora eval run_dir=RUN base=true              # ... and its base without the adapter, side by side
+    qlora eval model=EXPORT data.path=test.json   # a merged export, or any HF model, on a dataset
+    qlora eval model=BASE quant=nf4-dq data.path=test.json   # a base model as QLoRA holds it
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from qlora import data as qdata
+from qlora.config import Config, DataConfig, EvalCommand, EvalSubset, ModelConfig, is_data_file
+from qlora.errors import ConfigError, QloraError
+from qlora.files import write_text_atomic
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SEQ_LEN = 2048
+"""Longest sequence scored for a model= without seq_len (fewer if the model has fewer positions)."""
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over the positions whose label is not IGNORE_INDEX, in float32 (or float64
+    when the logits are)."""
+    logits = logits[:, :-1]
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    targets = labels[:, 1:].to(logits.device)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                           ignore_index=qdata.IGNORE_INDEX, reduction="sum")
+
+
+def scored_tokens(labels: torch.Tensor) -> int:
+    """How many positions `token_loss_sum` counts."""
+    return int((labels[:, 1:] != qdata.IGNORE_INDEX).sum())
+
+
+def perplexity(mean_loss: float) -> float:
+    return math.exp(mean_loss) if mean_loss < 700 else math.inf
+
+
+@dataclass
+class Score:
+    """A model's summed token loss over some sequences."""
+
+    loss_sum: float
+    tokens: int
+    """Scored (trained) tokens."""
+    sequences: int
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / self.tokens if self.tokens else math.nan
+
+    @property
+    def perplexity(self) -> float:
+        return perplexity(self.mean_loss)
+
+
+@torch.no_grad()
+def score(model, batches: Iterable[dict[str, torch.Tensor]], max_batches: int | None = None,
+          autocast: torch.dtype | None = None) -> Score:
+    """Score `model` in eval mode on collated batches (at most `max_batches` of them), autocast to `autocast`."""
+    device = next(p.device for p in model.parameters() if p.device.type != "meta")
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64)
+    tokens = sequences = 0
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            logits = model(**qdata.model_inputs(batch)).logits
+        total += token_loss_sum(logits, batch["labels"]).double().cpu()
+        tokens += scored_tokens(batch["labels"])
+        sequences += len(batch["input_ids"])
+    model.train(was_training)
+    return Score(float(total), tokens, sequences)
+
+
+def batches(examples: list[qdata.Example], batch_size: int, pad_id: int) -> Iterable[dict[str, torch.Tensor]]:
+    """Unpacked, right-padded batches of similar length (the order does not change the score)."""
+    collate = qdata.Collator(pad_id, packed=False)
+    for indices in qdata.eval_batches([len(e) for e in examples], batch_size):
+        yield collate([[examples[i]] for i in indices])
+
+
+def select(data: qdata.TokenizedData, subset: EvalSubset, cfg: DataConfig) -> tuple[list[qdata.Example], str]:
+    """The sequences of `subset` (not auto) in data order, and what they are, for the table."""
+    def in_order(examples: list[qdata.Example]) -> list[qdata.Example]:
+        return sorted(examples, key=lambda e: e.record)  # stable: a text document's windows stay in order
+
+    if subset == EvalSubset.eval:
+        if not data.eval:
+            raise QloraError(f"{cfg.path} has no eval split (data.eval_fraction=0 and no data.eval_path); score "
+                             "subset=all, or give data.eval_fraction or data.eval_path")
+        return in_order(data.eval), "eval split" + (f" ({cfg.eval_path})" if cfg.eval_path else "")
+    if subset == EvalSubset.train:
+        return in_order(data.train), "train split"
+    if cfg.eval_path is not None:
+        return in_order(data.train) + in_order(data.eval), "all records of both files"
+    return in_order(data.train + data.eval), "all records"
+
+
+@dataclass
+class Result:
+    """One scored model: a row of the table."""
+
+    name: str
+    model: str
+    adapter: str | None
+    quant: str
+    score: Score
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "model": self.model, "adapter": self.adapter, "quant": self.quant,
+                "sequences": self.score.sequences, "tokens": self.score.tokens, "mean_loss": self.score.mean_loss,
+                "perplexity": self.score.perplexity, "loss_sum": self.score.loss_sum}
+
+
+@dataclass
+class Report:
+    data: dict
+    """What was scored: data path, format, subset, seq_len, sequences."""
+    results: list[Result]
+    output: Path
+
+    def to_json(self) -> dict:
+        return {"data": self.data, "results": [r.to_json() for r in self.results]}
+
+    def table(self) -> str:
+        header = ("model", "quant", "sequences", "tokens", "mean loss", "perplexity")
+        rows = [(r.name, r.quant, str(r.score.sequences), str(r.score.tokens), f"{r.score.mean_loss:.4f}",
+                 f"{r.score.perplexity:.3f}") for r in self.results]
+        widths = [max(len(line[i]) for line in (header, *rows)) for i in range(len(header))]
+        lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)
+                           for i, (cell, w) in enumerate(zip(line, widths, strict=True))) for line in (header, *rows)]
+        d = self.data
+        return "\n".join([f"{d['path']} ({d['format']}, {d['subset']}, seq_len {d['seq_len']}):", *lines])
+
+
+ONE_TARGET = ("give exactly one of run_dir=RUN_FOLDER (a trained run) or model=MODEL (a merged export, a model "
+              "folder or a hub id)")
+
+
+def validate_eval(cmd: EvalCommand) -> None:
+    """Check the options before anything loads."""
+    problems = []
+    if (cmd.run_dir is None) == (cmd.model is None):
+        problems.append(ONE_TARGET)
+    if cmd.base and cmd.run_dir is None:
+        problems.append("base=true compares a run with its base; give run_dir= (for a base alone use model=BASE)")
+    if cmd.batch_size <= 0:
+        problems.append(f"batch_size must be > 0 (got {cmd.batch_size})")
+    if cmd.max_sequences is not None and cmd.max_sequences <= 0:
+        problems.append(f"max_sequences must be > 0 (got {cmd.max_sequences}); leave it unset to score everything")
+    if cmd.seq_len is not None and cmd.seq_len < 2:
+        problems.append(f"seq_len must be >= 2 (got {cmd.seq_len})")
+    if not 0 <= cmd.data.eval_fraction < 1:
+        problems.append(f"data.eval_fraction must be in [0, 1) (got {cmd.data.eval_fraction})")
+    for key, path in (("data.path", cmd.data.path), ("data.eval_path", cmd.data.eval_path)):
+        if path is not None and is_data_file(path) and not Path(path).expanduser().is_file() \
+                and not cmd.data.generate_demo:
+            problems.append(f"{key}: {path} does not exist; give a json/jsonl/csv/parquet file or a hub dataset id")
+    if Path(cmd.output).expanduser().is_dir():
+        problems.append(f"output={cmd.output} is a folder; give the path of the JSON file to write")
+    if problems:
+        raise ConfigError(problems)
+    if cmd.quant is not None:
+        from qlora.composition import quant_option
+
+        quant_option(cmd.quant)  # an unknown option is a ConfigError naming the choices
+
+
+def evaluate(cmd: EvalCommand, out=None) -> Report:
+    """Score what `cmd` names on its dataset; print the table to `out` (stdout) and write the JSON to cmd.output."""
+    validate_eval(cmd)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    t0 = time.perf_counter()
+    target = _RunTarget(cmd) if cmd.run_dir is not None else _ModelTarget(cmd)
+    subset = cmd.subset
+    if subset == EvalSubset.auto:
+        subset = EvalSubset.eval if target.own_data else EvalSubset.all
+    qdata.use_chat_template(cmd.data, target.tokenizer)
+    loaded = qdata.load(cmd.data, target.tokenizer, target.seq_len, target.seed, target.cache_dir)
+    examples, which = select(loaded, subset, cmd.data)
+    examples = examples[:cmd.max_sequences]
+    if not examples:
+        raise QloraError(f"the {which} of {cmd.data.path} holds no sequences to score; choose another subset")
+
+    model = target.load(device)
+    log.info("loaded in %.1fs; scoring %d sequences", time.perf_counter() - t0, len(examples))
+    pad = target.tokenizer.pad_token_id
+
+    def scored():
+        return score(model, batches(examples, cmd.batch_size, pad), autocast=target.autocast)
+
+    results = [Result(target.name, target.model, target.adapter, target.quant, scored())]
+    if cmd.base:
+        with model.disable_adapter():
+            results.append(Result("base (no adapter)", target.model, None, target.quant, scored()))
+    data = {"path": cmd.data.path, "format": cmd.data.format.value, "subset": subset.value, "which": which,
+            "seq_len": target.seq_len, "sequences": len(examples)}
+    report = Report(data, results, Path(cmd.output).expanduser())
+    write_text_atomic(report.output, json.dumps(report.to_json(), indent=2) + "\n")
+    print(report.table(), file=out or sys.stdout)
+    log.info("wrote %s", report.output)
+    return report
+
+
+class _RunTarget:
+    """A trained run: its base loaded as trained (or as quant= says), plus the adapter."""
+
+    def __init__(self, cmd: EvalCommand) -> None:
+        from transformers import AutoTokenizer
+
+        from qlora import demo, hub
+        from qlora.composition import quant_option
+        from qlora.model import check_model_config
+        from qlora.runfolder import read_trained
+
+        self.run = read_trained(cmd.run_dir)
+        trained = self.run.config
+        quant = quant_option(cmd.quant) if cmd.quant is not None else trained.quant
+        self.config: Config = replace(trained, data=cmd.data, quant=quant)
+        self.own_data = cmd.data == trained.data
+        self.seq_len = cmd.seq_len or trained.train.seq_len
+        self.seed = trained.seed if cmd.seed is None else cmd.seed
+        self.cache_dir = Path(trained.cache_dir).expanduser()
+        hub.prepare(hub.hub_ids(self.config))
+        demo.prepare_assets(self.config)  # a scratch base (or demo data) lives in the cache and may have been cleared
+        check_model_config(self.config.model, self.seq_len)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.run.tokenizer))
+        self.name = f"{self.run.folder} (step {self.run.state.get('step')})"
+        self.model, self.adapter = self.config.model.name_or_path, str(self.run.adapter)
+        self.quant = _quant_name(self.config.quant)
+
+    @property
+    def autocast(self) -> torch.dtype | None:
+        from qlora.model import autocast_dtype
+
+        return autocast_dtype(self.config.train.mixed_precision)
+
+    def load(self, device: torch.device):
+        from qlora.model import load_trained_model
+
+        return load_trained_model(self.config, self.run.adapter, device)
+
+
+class _ModelTarget:
+    """A model folder or hub id (a base, or a merged export), loaded unquantized or as quant= says."""
+
+    autocast = None
+    adapter = None
+    own_data = False
+    cache_dir = None
+
+    def __init__(self, cmd: EvalCommand) -> None:
+        from transformers import AutoConfig
+
+        from qlora import hub
+        from qlora.composition import quant_option
+        from qlora.model import load_tokenizer
+
+        self.model = self.name = cmd.model
+        self.model_config = ModelConfig(name_or_path=cmd.model)
+        self.quant_config = quant_option(cmd.quant or "none")
+        self.quant = _quant_name(self.quant_config)
+        self.seed = Config.seed if cmd.seed is None else cmd.seed
+        local = Path(cmd.model).expanduser()
+        if local.exists() and not (local / "config.json").is_file():
+            raise QloraError(f"model={cmd.model} is not a model folder (no config.json); give a merged export, a "
+                             "model folder or a hub id, or run_dir= for a run folder")
+        hub.prepare([p for p in (cmd.model, cmd.data.path, cmd.data.eval_path)
+                     if p is not None and not Path(p).expanduser().exists() and not is_data_file(p)])
+        try:
+            positions = getattr(AutoConfig.from_pretrained(cmd.model), "max_position_embeddings", None)
+        except (OSError, ValueError) as e:
+            why = str(e).splitlines()[0] if local.exists() else hub.unavailable(cmd.model)
+            raise QloraError(f"could not load model={cmd.model}: {why}") from e
+        if cmd.seq_len is not None and positions is not None and cmd.seq_len > positions:
+            raise QloraError(f"seq_len={cmd.seq_len} is longer than {cmd.model} supports ({positions} positions); "
+                             "lower seq_len")
+        self.seq_len = cmd.seq_len or min(DEFAULT_SEQ_LEN, positions or DEFAULT_SEQ_LEN)
+        self.tokenizer = load_tokenizer(self.model_config)
+
+    def load(self, device: torch.device):
+        from qlora.model import load_base_model
+
+        return load_base_model(self.model_config, self.quant_config, device).eval()
+
+
+def _quant_name(quant) -> str:
+    """The quant group's option name for a QuantConfig (nf4-dq, fp4, int8, none, ...)."""
+    return quant.method.value + ("-dq" if quant.double_quant else "")
+
+
+def command_defaults(args: list[str]) -> dict | None:
+    """Defaults for `qlora eval`'s options from the run that run_dir= names: its data settings."""
+    from omegaconf import OmegaConf
+
+    from qlora.runfolder import read_trained
+
+    given = {a.partition("=")[0]: a.partition("=")[2] for a in args}
+    if ("run_dir" in given) == ("model" in given):
+        raise ConfigError(ONE_TARGET)  # before data.path is asked for, or the run read
+    if not given.get("run_dir"):
+        return None
+    return {"data": OmegaConf.structured(read_trained(given["run_dir"]).config.data)}
