@@ -272,6 +272,7 @@ def _quiet_libraries() -> None:
     # Messages that say nothing a qlora user can act on.
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.* is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")  # int8 with a float32 compute dtype
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 

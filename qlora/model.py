@@ -190,7 +190,10 @@ def quant_report(model: nn.Module) -> QuantReport:
             quantized.add(id(module.weight))
         elif isinstance(module, bnb.nn.Linear8bitLt):
             q_params += module.weight.numel()
-            q_bytes += _nbytes(module.weight) + _nbytes(getattr(module.weight, "SCB", None))
+            scale = getattr(module.weight, "SCB", None)
+            if scale is None:  # the layer's first forward moves the row scales into its state
+                scale = module.state.SCB
+            q_bytes += _nbytes(module.weight) + _nbytes(scale)
             quantized.add(id(module.weight))
     others = [p for p in model.parameters() if id(p) not in quantized]
     others += [b for b in model.buffers()]

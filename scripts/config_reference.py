@@ -49,7 +49,7 @@ def rows(cls, prefix: str, docs, annotations) -> list[str]:
         key = f"{prefix}{f.name}"
         nested = next((a for a in (hints[f.name], *typing.get_args(hints[f.name])) if dataclasses.is_dataclass(a)),
                       None)
-        if nested is not None and cls in (schema.Config, schema.ExportCommand):
+        if nested is not None and cls in (schema.Config, schema.ExportCommand, schema.EvalCommand):
             continue  # a config group: documented in its own section
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         text = docs.get((cls.__name__, f.name), "")
@@ -86,7 +86,10 @@ def render() -> str:
               *rows(schema.ExportCommand, "", docs, annotations),
               *rows(schema.ExportConfig, "export.", docs, annotations), "",
               "## `qlora generate`", "", "`qlora generate run_dir=RUN|model=EXPORT prompt=TEXT [KEY=VALUE ...]`.", "",
-              *header, *rows(schema.GenerateCommand, "", docs, annotations), ""]
+              *header, *rows(schema.GenerateCommand, "", docs, annotations), "",
+              "## `qlora eval`", "", "`qlora eval run_dir=RUN|model=MODEL [data.KEY=VALUE ...] [KEY=VALUE ...]` "
+              "(see docs/fidelity.md). `data.*` takes the keys of the `data` group above; with run_dir they start "
+              "as the run's.", "", *header, *rows(schema.EvalCommand, "", docs, annotations), ""]
     return "\n".join(lines)
 
 

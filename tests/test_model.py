@@ -87,7 +87,11 @@ def test_int8_and_unquantized_bases(tiny_config, tiny_model_dir):
     int8 = load_base_model(config.model, config.quant, torch.device("cpu"))
     layer = int8.model.layers[0].mlp.up_proj
     assert isinstance(layer, bnb.nn.Linear8bitLt) and layer.weight.dtype == torch.int8
-    assert quant_report(int8).bits_per_quantized_param == pytest.approx(8 + 32 / 64, abs=0.3)
+    before = quant_report(int8)
+    assert before.bits_per_quantized_param == pytest.approx(8 + 32 / 64, abs=0.3)
+    with torch.no_grad():
+        int8(input_ids=torch.tensor([[1, 2, 3]]))  # moves each layer's row scales from the weight to its state
+    assert quant_report(int8) == before
 
     config = tiny_config("quant=none")
     plain = load_base_model(config.model, config.quant, torch.device("cpu"))
