@@ -492,6 +492,21 @@ def generates_demo_data(cfg: Config) -> bool:
     return cfg.data.generate_demo and inside(cfg.data.path, cfg.cache_dir)
 
 
+def data_problems(data: DataConfig, generated: bool = False) -> list[str]:
+    """What is wrong with the data settings by themselves: the eval fraction, and data files that do not exist
+    (data.path is not looked for when it is `generated`, the demo dataset that will be written there)."""
+    problems = []
+    if not 0 <= data.eval_fraction < 1:
+        problems.append(f"data.eval_fraction must be in [0, 1) (got {data.eval_fraction})")
+    files = [("data.path", data.path)] if not generated else []
+    if data.eval_path is not None:
+        files.append(("data.eval_path", data.eval_path))
+    for key, path in files:
+        if is_data_file(path) and not Path(path).expanduser().is_file():
+            problems.append(f"{key}: {path} does not exist; give a json/jsonl/csv/parquet file or a hub dataset id")
+    return problems
+
+
 def validate(cfg: Config) -> None:
     """Check what no single field can; raise one ConfigError listing every problem found."""
     problems: list[str] = []
@@ -518,7 +533,6 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg.train, key)
         need(value >= 0, f"train.{key} must be >= 0 (got {value})")
     need(cfg.train.eval_max_batches > 0, f"train.eval_max_batches must be > 0 (got {cfg.train.eval_max_batches})")
-    need(0 <= cfg.data.eval_fraction < 1, f"data.eval_fraction must be in [0, 1) (got {cfg.data.eval_fraction})")
     for role, names in vars(cfg.data.roles).items():
         need(len(names) > 0, f"data.roles.{role} is empty; give at least one speaker name")
     template = cfg.data.chat_template
@@ -550,12 +564,7 @@ def validate(cfg: Config) -> None:
         need(not looks_local or (local / "config.json").is_file(),
              f"model.name_or_path: {cfg.model.name_or_path} is not a model folder (no config.json); "
              "give a Hugging Face model folder or a hub id")
-    data_files = [("data.path", cfg.data.path)] if not generates_demo_data(cfg) else []
-    if cfg.data.eval_path is not None:
-        data_files.append(("data.eval_path", cfg.data.eval_path))
-    for key, path in data_files:
-        need(not is_data_file(path) or Path(path).expanduser().is_file(),
-             f"{key}: {path} does not exist; give a json/jsonl/csv/parquet file or a hub dataset id")
+    problems += data_problems(cfg.data, generated=generates_demo_data(cfg))
     if cfg.resume is not None and cfg.overwrite:
         problems.append("resume and overwrite=true contradict each other: resume continues the run in output_dir, "
                         "overwrite replaces it; give one")

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from qlora import data as qdata
-from qlora.config import Config, DataConfig, EvalCommand, EvalSubset, ModelConfig, is_data_file
+from qlora.config import Config, DataConfig, EvalCommand, EvalSubset, ModelConfig, data_problems, is_data_file
 from qlora.errors import ConfigError, QloraError
 from qlora.files import write_text_atomic
 
@@ -173,12 +173,7 @@ def validate_eval(cmd: EvalCommand) -> None:
         problems.append(f"max_sequences must be > 0 (got {cmd.max_sequences}); leave it unset to score everything")
     if cmd.seq_len is not None and cmd.seq_len < 2:
         problems.append(f"seq_len must be >= 2 (got {cmd.seq_len})")
-    if not 0 <= cmd.data.eval_fraction < 1:
-        problems.append(f"data.eval_fraction must be in [0, 1) (got {cmd.data.eval_fraction})")
-    for key, path in (("data.path", cmd.data.path), ("data.eval_path", cmd.data.eval_path)):
-        if path is not None and is_data_file(path) and not Path(path).expanduser().is_file() \
-                and not cmd.data.generate_demo:
-            problems.append(f"{key}: {path} does not exist; give a json/jsonl/csv/parquet file or a hub dataset id")
+    problems += data_problems(cmd.data, generated=cmd.data.generate_demo)  # a run's demo data is regenerated
     if Path(cmd.output).expanduser().is_dir():
         problems.append(f"output={cmd.output} is a folder; give the path of the JSON file to write")
     if problems:
