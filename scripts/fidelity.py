@@ -1,6 +1,6 @@
 """The QLoRA paper's fidelity claims, reproduced in miniature with this framework (docs/fidelity.md).
 
-    python scripts/fidelity.py                      # CPU-sized (about 15 minutes on 2 cores)
+    python scripts/fidelity.py                      # CPU-sized (12 minutes on 2 cores, 5 of them pretraining)
     python scripts/fidelity.py --size gpu           # GPU-sized
     python scripts/fidelity.py --size tiny          # seconds; what the tests run
     python scripts/fidelity.py --seeds 1 2 3 --out fidelity.json
