@@ -73,6 +73,14 @@ class OnNonFinite(str, Enum):
     skip = "skip"
 
 
+class Logger(str, Enum):
+    """Where training metrics and hyperparameters go besides output_dir/metrics.jsonl."""
+
+    tensorboard = "tensorboard"
+    wandb = "wandb"
+    mlflow = "mlflow"
+
+
 class ScratchArchitecture(str, Enum):
     llama = "llama"
     mistral = "mistral"
@@ -127,6 +135,28 @@ class ScratchModelConfig:
 
 
 @dataclass
+class ArchitectureConfig:
+    """The fields of a model's config.json that fix its tensor shapes (None: not given, or the architecture's
+    default). Recorded for the catalog's hub models; `qlora plan` builds the model's skeleton from them."""
+
+    model_type: str | None = None
+    """transformers model type: llama, mistral, qwen2, gemma2, phi3, ..."""
+    vocab_size: int | None = None
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    num_hidden_layers: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    tie_word_embeddings: bool | None = None
+    max_position_embeddings: int | None = None
+
+    def given(self) -> dict:
+        """The fields that are set, as config.json keys."""
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+
+@dataclass
 class ModelConfig:
     name_or_path: str = "???"
     """A local Hugging Face model folder or a hub model id."""
@@ -138,6 +168,9 @@ class ModelConfig:
     """Attention kernel passed to transformers: sdpa, eager, or flash_attention_2 where installed."""
     scratch: ScratchModelConfig | None = None
     """A random-init model to build when name_or_path is its path and the folder is missing."""
+    architecture: ArchitectureConfig = field(default_factory=ArchitectureConfig)
+    """The shapes from the model's config.json, so `qlora plan` can size a hub model without downloading
+    anything (a local folder's config.json or the scratch settings take precedence)."""
 
 
 @dataclass
@@ -298,9 +331,18 @@ class TrainConfig:
     max_new_tokens: int = 64
     """Tokens to generate per sample prompt."""
     progress: bool = True
-    """Show a progress bar when attached to a terminal."""
-    tensorboard: bool = True
-    """Also log metrics to TensorBoard under output_dir/tb."""
+    """Show a progress bar (step, loss, lr, tokens/s, memory, ETA) when attached to a terminal; otherwise, or with
+    false, one log line per metrics row."""
+    loggers: list[Logger] = field(default_factory=lambda: [Logger.tensorboard])
+    """Metrics and hyperparameters also go to: tensorboard (output_dir/tb), wandb, mlflow (optional extras:
+    pip install 'qlora[wandb]' / 'qlora[mlflow]'); [] for metrics.jsonl only."""
+    project: str = "qlora"
+    """The W&B project and MLflow experiment runs are logged under."""
+    report: bool = True
+    """Write output_dir/report.html and report.png (curves, summary, samples) at the end of the run."""
+    check_memory: bool = True
+    """Before loading anything, estimate the peak GPU memory (as `qlora plan` does) and refuse a run that cannot
+    fit the GPU, naming the setting to change; false skips the check."""
     save_every_steps: int = 200
     """Write a checkpoint (adapter, optimizer, scheduler, RNG states, data position) every N optimizer steps;
     one is also written at the end and on SIGINT / SIGTERM. 0: only those."""

@@ -24,7 +24,7 @@ from accelerate import Accelerator
 
 from qlora import checkpoint, demo, hub, runfolder
 from qlora import data as qdata
-from qlora.config import Config, OnNonFinite, validate
+from qlora.config import Config, Logger, OnNonFinite, validate
 from qlora.errors import QloraError
 from qlora.evaluation import perplexity, score, token_loss_sum
 from qlora.files import write_folder_atomic, write_text_atomic
@@ -200,7 +200,7 @@ def _run(config: Config, resumed: checkpoint.Checkpoint | None, state: TrainStat
 
     # Everything checked: from here on, output_dir holds this run
     _commit(config, tokenizer, runlog, accelerator, recipe)
-    metrics = MetricsLog(out, config.train.tensorboard, start=state.step,
+    metrics = MetricsLog(out, Logger.tensorboard in config.train.loggers, start=state.step,
                          history=None if resumed is None else checkpoint.run_dir_of(resumed.path) / "metrics.jsonl")
     training = Training(config, out, accelerator, model, optimizer, scheduler, train_loader, sampler, eval_loader,
                         metrics, before)

@@ -53,7 +53,7 @@ def main() -> None:
 def _train(out: Path, overrides: list[str]) -> Path:
     from qlora.train import run
 
-    config = compose_config([f"output_dir={out}", "train.progress=false", "train.tensorboard=false", *overrides])
+    config = compose_config([f"output_dir={out}", "train.progress=false", "train.loggers=[]", *overrides])
     result = run(config)
     print(f"trained {out}: eval loss {result.first_eval_loss:.4f} -> {result.final_eval_loss:.4f}\n")
     return out

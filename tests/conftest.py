@@ -21,7 +21,7 @@ TINY = [
     "model.scratch.num_attention_heads=4",
     "model.scratch.num_key_value_heads=2",
     "optim.min_8bit_size=256",
-    "train.tensorboard=false",
+    "train.loggers=[]",
     "train.progress=false",
 ]
 
