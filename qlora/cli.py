@@ -57,12 +57,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def recipes() -> int:
-    from qlora.composition import recipe_description, recipe_paths
+    from qlora.recipes import catalog, table
 
-    paths = recipe_paths()
-    width = max(len(name) for name in paths)
-    for name, path in paths.items():
-        print(f"{name:<{width}}  {recipe_description(path)}")
+    print(table(catalog()))
     return 0
 
 

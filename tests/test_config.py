@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from qlora.composition import (
     recipe_description,
     recipe_paths,
 )
-from qlora.config import Config, OptimizerName, QuantMethod, validate
+from qlora.config import ArchitectureConfig, Config, OptimizerName, QuantMethod, builds_scratch_model, validate
 from qlora.errors import ConfigError
 from tests.conftest import qlora_cli
 
@@ -40,6 +41,8 @@ def test_every_recipe_composes(recipe, tmp_path):
     assert recipe_description(recipe_paths()[recipe]), f"recipes/{recipe}.yaml needs a '# description' first line"
     # Hub-model recipes validate without the network: nothing is loaded at this point.
     validate(config)
+    if not builds_scratch_model(config.model):  # `qlora plan` sizes a hub model from these shapes
+        assert set(config.model.architecture.given()) == {f.name for f in dataclasses.fields(ArchitectureConfig)}
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
@@ -160,7 +163,7 @@ def test_cfg_job_prints_the_config_and_loads_nothing(tmp_path):
 def test_recipes_lists_each_with_its_description(tmp_path):
     result = qlora_cli("recipes", cwd=tmp_path)
     assert result.returncode == 0
-    lines = result.stdout.strip().splitlines()
+    lines = result.stdout.strip().splitlines()[1:]  # after the column names
     assert [line.split()[0] for line in lines] == sorted(recipe_paths())
     assert all(len(line.split(maxsplit=1)) == 2 for line in lines)
 
