@@ -46,8 +46,8 @@ HARMLESS_KEYS = frozenset({
     "output_dir", "overwrite", "resume", "force_resume", "debug", "cache_dir", "data.cache",
     "train.max_steps", "train.eval_every_steps", "train.eval_max_batches", "train.log_every_steps",
     "train.num_workers", "train.sample_prompts", "train.max_new_tokens", "train.progress", "train.loggers",
-    "train.project", "train.report", "train.check_memory", "train.save_every_steps", "train.keep_checkpoints",
-    "train.on_nonfinite_loss",
+    "train.project", "train.report", "train.check_memory", "train.memory_limit_gb", "train.save_every_steps",
+    "train.keep_checkpoints", "train.on_nonfinite_loss",
 })
 
 

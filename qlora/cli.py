@@ -1,4 +1,5 @@
-"""The `qlora` command: `qlora train [hydra overrides]`, `export`, `generate`, `eval`, `data preview`, `recipes`.
+"""The `qlora` command: `qlora train [hydra overrides]`, `plan`, `export`, `generate`, `eval`, `data preview`,
+`recipes`, `report`.
 
 `train` composes and validates the config first (and every point of a `-m` sweep), so a bad key, type,
 option or value is reported as one line with exit status 2 before Hydra creates any folder or anything is
@@ -16,6 +17,10 @@ USAGE = """usage: qlora <command> [args]
 commands:
   train [overrides]   fine-tune: qlora train recipe=NAME lora.r=32 optim.lr=1e-4 output_dir=runs/a
                       Hydra flags work: -m (sweep), --cfg job (print config), --help (config groups)
+  plan [--device cuda|cpu] [overrides]
+                      the run's GPU memory from the model's config alone (nothing downloaded or loaded):
+                      quantized base, LoRA, optimizer state, activations; what fits the GPU
+                      (train.memory_limit_gb=N plans for a card of N GiB)
   export run_dir=RUN output_dir=DIR [export.format=hf|gguf|adapter] [export.merge=dequantized|original]
                       merge the adapter into the base it was trained against, verify the result's logits
                       against the trained model, and write a Hugging Face folder, a GGUF file or the adapter
@@ -27,7 +32,8 @@ commands:
   data preview [--samples N] [overrides]
                       show samples as trained (trained tokens marked), lengths, counts and padding,
                       without loading the model: qlora data preview recipe=NAME
-  recipes             list the recipes with what each is for
+  recipes             the recipe catalog: task, model, GPU memory and time of each
+  report RUN          (re)draw a run's report.html and report.png from its run folder
 
 Errors are one line each; pass debug=true (or set QLORA_DEBUG=1) for the traceback.
 """
@@ -41,8 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "train":
         return train(rest)
+    if command == "plan":
+        return plan(rest)
     if command == "recipes":
         return recipes()
+    if command == "report":
+        return report(rest)
     if command == "export":
         return export(rest)
     if command == "generate":
@@ -51,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         return evaluate(rest)
     if command == "data" and rest[:1] == ["preview"]:
         return data_preview(rest[1:])
-    print(f"qlora: unknown command '{' '.join(argv[:2])}'; choose one of: train, export, generate, eval, "
-          "data preview, recipes (qlora --help)", file=sys.stderr)
+    print(f"qlora: unknown command '{' '.join(argv[:2])}'; choose one of: train, plan, export, generate, "
+          "eval, data preview, recipes, report (qlora --help)", file=sys.stderr)
     return 2
 
 
@@ -60,6 +70,23 @@ def recipes() -> int:
     from qlora.recipes import catalog, table
 
     print(table(catalog()))
+    return 0
+
+
+def report(args: list[str]) -> int:
+    """qlora report RUN_DIR: write the run's report.html and report.png (again)."""
+    from qlora.errors import QloraError
+
+    if len(args) != 1 or args[0].startswith("-"):
+        print("usage: qlora report RUN_DIR", file=sys.stderr)
+        return 2
+    try:
+        from qlora.report import write_report
+
+        png, html = write_report(Path(args[0]))
+    except QloraError as e:
+        return _report(e)
+    print(f"wrote {html} and {png}")
     return 0
 
 
@@ -164,6 +191,35 @@ def data_preview(args: list[str]) -> int:
         import os
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+def plan(args: list[str]) -> int:
+    """qlora plan [--device cuda|cpu] [overrides]: the run's memory, from the model's config alone."""
+    import argparse
+
+    from qlora.errors import QloraError
+
+    parser = argparse.ArgumentParser(prog="qlora plan")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                        help="plan for a GPU or for the CPU (default: where `qlora train` would run here)")
+    parser.add_argument("overrides", nargs="*", help="config overrides, as for qlora train")
+    options = parser.parse_intermixed_args(args)
+    try:
+        import torch
+
+        from qlora import plan as planning
+        from qlora.composition import compose_config, parse_overrides
+        from qlora.config import validate
+
+        parse_overrides(options.overrides)
+        config = compose_config(options.overrides)
+        validate(config)
+        _quiet_libraries()
+        device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        print(planning.describe(planning.plan(config, device), config))
+    except QloraError as e:
+        return _report(e, _debug(options.overrides))
     return 0
 
 

@@ -343,6 +343,8 @@ class TrainConfig:
     check_memory: bool = True
     """Before loading anything, estimate the peak GPU memory (as `qlora plan` does) and refuse a run that cannot
     fit the GPU, naming the setting to change; false skips the check."""
+    memory_limit_gb: float | None = None
+    """GPU memory (GiB) the run may use, for the memory check and `qlora plan`; None: the GPU's total."""
     save_every_steps: int = 200
     """Write a checkpoint (adapter, optimizer, scheduler, RNG states, data position) every N optimizer steps;
     one is also written at the end and on SIGINT / SIGTERM. 0: only those."""

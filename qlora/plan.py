@@ -1,0 +1,453 @@
+"""`qlora plan`: the memory a run needs, from the model's config alone (no weights downloaded or loaded).
+
+The model is built as a skeleton on the meta device, which gives every tensor's shape for free. From the shapes:
+
+- the frozen base: packed 4-bit weights (half a byte each) and their per-block constants (64-weight blocks;
+  double quantization stores those as bytes with a float32 scale per 256 blocks), LLM.int8 weights with a
+  float32 scale per row, and everything left unquantized in the compute dtype (float32 after peft's k-bit
+  preparation);
+- LoRA: r x (in + out) float32 weights per adapted linear layer, and their gradients;
+- the optimizer state bitsandbytes or torch allocates for each of those tensors;
+
+all exact, and equal to the bytes of the tensors a run allocates (the tests check this). Activations are an
+estimate: bytes saved for the backward pass per token of each decoder layer, from coefficients measured on
+this framework's code path (see `LAYER_BYTES`), plus the logits and the loss's float32 copies of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qlora.config import Config, DType, OptimizerName, QuantMethod, ScratchTokenizer, builds_scratch_model
+from qlora.errors import QloraError
+
+log = logging.getLogger(__name__)
+
+GIB = 2**30
+BLOCKSIZE_4BIT = 64
+"""Weights per absmax constant in bitsandbytes' 4-bit formats."""
+BLOCKSIZE_NESTED = 256
+"""absmax constants per float32 scale under double quantization."""
+BLOCKSIZE_OPTIM = 256
+"""State elements per float32 absmax in bitsandbytes' 8-bit optimizers."""
+QMAP_BYTES = 256 * 4
+"""One 8-bit optimizer code book (256 float32 values), shared by all parameters."""
+CUDA_RESERVE = GIB
+"""Left free on the GPU for the CUDA context, cuBLAS workspaces and allocator fragmentation."""
+
+
+@dataclass(frozen=True)
+class LayerBytes:
+    """Bytes saved for backward per token of one decoder layer, per unit of each width.
+
+    `residual` and `compute` are the dtype sizes these were measured at (float32 residual stream, as peft's k-bit
+    preparation leaves it, and float32 or bfloat16-autocast compute).
+    """
+
+    hidden: float
+    intermediate: float
+    kv: float
+    rank: float
+    """Per adapted linear layer (lora_A's output, kept for lora_B's gradient)."""
+    heads: float
+    """The attention kernel's log-sum-exp, per head."""
+    scalar: float
+    """The norms' reciprocal RMS."""
+    dropout_hidden: float
+    """Extra with lora.dropout > 0 (masks and dropped copies of the adapters' inputs), per unit of hidden..."""
+    dropout_intermediate: float
+    """...and of the intermediate width (down_proj's input)."""
+
+
+# Measured with torch.autograd.graph.saved_tensors_hooks on a Llama-architecture model, LoRA on all seven linear
+# layers, bitsandbytes NF4 (transformers 5.23, peft 0.21, bitsandbytes 0.50, torch 2.13): storage bytes saved for
+# backward, split by the width of each tensor. Keyed on (compute bytes, autocast).
+LAYER_BYTES = {
+    (4, False): LayerBytes(hidden=24, intermediate=16, kv=8, rank=4, heads=4, scalar=8,
+                           dropout_hidden=37, dropout_intermediate=4),
+    (2, True): LayerBytes(hidden=24, intermediate=14, kv=4, rank=2, heads=4, scalar=8,
+                          dropout_hidden=21, dropout_intermediate=4),
+}
+LOGITS_BYTES = 12
+"""Per logit beyond the model's output: the float32 log-softmax the loss keeps, and its gradient in float32
+twice (the loss's and the upcast's) at the start of the backward pass."""
+
+
+@dataclass
+class Plan:
+    """A run's memory, component by component (bytes), and what fits."""
+
+    model: str
+    device: str
+    dtype: str
+    """Compute dtype."""
+    parameters: int
+    """Parameters of the base model."""
+    quantized_parameters: int
+    base_bytes: int
+    """The frozen base as stored: quantized weights with their constants, plus everything unquantized."""
+    trainable_parameters: int
+    trainable_bytes: int
+    gradient_bytes: int
+    optimizer_bytes: int
+    optimizer_paged: bool
+    """The optimizer state lives in CUDA unified memory (bitsandbytes' paged optimizers), which the driver
+    moves to CPU memory under pressure."""
+    activation_bytes: int
+    """Saved for backward at the micro batch and seq_len (with gradient checkpointing: each layer's input, plus
+    one layer recomputed)."""
+    logits_bytes: int
+    workspace_bytes: int
+    """Transient: the largest weight dequantized for its matmul, and the activation gradients in flight."""
+    tokens: int
+    """micro_batch_size x seq_len."""
+    per_token_bytes: float
+    """Activation, logits and workspace bytes that grow with each token of the micro batch."""
+    flops_per_token: float
+    """Training FLOPs per token of the micro batch on the frozen-base basis: the forward pass (2 per weight and
+    the attention scores), the backward pass for activation gradients only (the base is frozen), and with
+    gradient checkpointing the forward again."""
+    capacity_bytes: int | None = None
+    """GPU memory the run may use (train.memory_limit_gb, else the visible GPU's total); None: none known."""
+    max_positions: int | None = None
+
+    @property
+    def weights_bytes(self) -> int:
+        return self.base_bytes + self.trainable_bytes
+
+    @property
+    def fixed_bytes(self) -> int:
+        """What does not depend on the tokens in a micro batch."""
+        return self.weights_bytes + self.gradient_bytes + self.optimizer_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.fixed_bytes + self.activation_bytes + self.logits_bytes + self.workspace_bytes
+
+    @property
+    def usable_bytes(self) -> int | None:
+        return None if self.capacity_bytes is None else self.capacity_bytes - CUDA_RESERVE
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.usable_bytes is None else self.total_bytes <= self.usable_bytes
+
+    def max_tokens(self) -> int | None:
+        """The most tokens per micro batch that fit."""
+        if self.usable_bytes is None:
+            return None
+        return max(0, int((self.usable_bytes - self.fixed_bytes) / self.per_token_bytes))
+
+    def largest_micro_batch(self, seq_len: int) -> int | None:
+        tokens = self.max_tokens()
+        return None if tokens is None else tokens // seq_len
+
+    def largest_seq_len(self, micro_batch_size: int) -> int | None:
+        tokens = self.max_tokens()
+        if tokens is None:
+            return None
+        longest = tokens // micro_batch_size // 64 * 64
+        return min(longest, self.max_positions) if self.max_positions else longest
+
+
+def plan(config: Config, device: str = "cuda") -> Plan:
+    """The memory `config` needs on `device` ("cuda" or "cpu"), from the model's config alone."""
+    from transformers import AutoModelForCausalLM
+
+    arch = model_config(config)
+    dtype = _compute_dtype(config, device)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(arch, dtype=dtype)
+    quantized = quantized_linears(model) if config.quant.method != QuantMethod.none else {}
+    upcast = config.quant.method != QuantMethod.none and config.train.prepare_kbit
+    base = _base_bytes(model, quantized, config, upcast)
+    trainable = _trainable(model, config, upcast)
+    optimizer = sum(optimizer_state_bytes(p.numel(), p.element_size(), config) for p in trainable)
+    optimizer += _shared_state_bytes(config) if trainable else 0
+    autocast = config.train.mixed_precision.value in ("bf16", "fp16") or (
+        config.train.mixed_precision.value == "auto" and device == "cuda")
+    tokens = config.train.micro_batch_size * config.train.seq_len
+    per_token = _activation_per_token(arch, model, config, dtype, autocast, upcast)
+    largest = max((m.in_features * m.out_features for m in quantized.values()), default=0)
+    dequantized = largest * torch.finfo(dtype).bits // 8
+    capacity = _capacity(config, device)
+    return Plan(
+        model=config.model.name_or_path,
+        device=device,
+        dtype=str(dtype).removeprefix("torch."),
+        parameters=sum(p.numel() for p in model.parameters()),
+        quantized_parameters=sum(m.weight.numel() for m in quantized.values()),
+        base_bytes=base,
+        trainable_parameters=sum(p.numel() for p in trainable),
+        trainable_bytes=sum(_nbytes(p) for p in trainable),
+        gradient_bytes=sum(_nbytes(p) for p in trainable),
+        optimizer_bytes=optimizer,
+        optimizer_paged=config.optim.name.value.startswith("paged_") and device == "cuda",
+        activation_bytes=int(per_token.activations * tokens),
+        logits_bytes=int(per_token.logits * tokens),
+        workspace_bytes=dequantized + int(per_token.workspace * tokens),
+        tokens=tokens,
+        per_token_bytes=per_token.total,
+        flops_per_token=flops_per_token(arch, model, config),
+        capacity_bytes=capacity,
+        max_positions=getattr(arch, "max_position_embeddings", None),
+    )
+
+
+def model_config(config: Config):  # -> transformers.PretrainedConfig
+    """The model's transformers config, from the first of: a local folder's config.json, the scratch shape, the
+    hub's config.json already in the local cache, model.architecture, the hub's config.json (downloaded)."""
+    from transformers import AutoConfig
+
+    cfg = config.model
+    folder = Path(cfg.name_or_path).expanduser()
+    if (folder / "config.json").is_file():
+        return AutoConfig.from_pretrained(str(folder), trust_remote_code=cfg.trust_remote_code)
+    if builds_scratch_model(cfg):
+        return _scratch_config(cfg.scratch)
+    hub = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    try:
+        return AutoConfig.from_pretrained(cfg.name_or_path, local_files_only=True, **hub)
+    except (OSError, ValueError):
+        pass
+    given = cfg.architecture.given()
+    if given:
+        if "model_type" not in given:
+            raise QloraError("model.architecture needs model_type (llama, mistral, qwen2, gemma2, phi3, ...)")
+        try:
+            return AutoConfig.for_model(**given)
+        except ValueError as e:
+            raise QloraError(f"model.architecture: {str(e).splitlines()[0]}") from e
+    try:
+        return AutoConfig.from_pretrained(cfg.name_or_path, **hub)
+    except (OSError, ValueError) as e:
+        raise QloraError(f"could not read the config of {cfg.name_or_path} ({str(e).splitlines()[0][:200]}); "
+                         "point model.name_or_path at a local model folder or give model.architecture.* "
+                         "(the shapes from its config.json)") from e
+
+
+def _scratch_config(shape):  # -> transformers.PretrainedConfig
+    from transformers import AutoConfig
+
+    from qlora.demo import build_demo_tokenizer
+
+    vocab = shape.vocab_size or (len(build_demo_tokenizer()) if shape.tokenizer == ScratchTokenizer.demo
+                                 else shape.tokenizer_vocab_size)
+    return AutoConfig.for_model(
+        shape.architecture.value, vocab_size=vocab, hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size, num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads, num_key_value_heads=shape.num_key_value_heads,
+        max_position_embeddings=shape.max_position_embeddings, tie_word_embeddings=False)
+
+
+def quantized_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """The linear layers bitsandbytes quantizes when transformers loads the model: all but the output head."""
+    head = model.get_output_embeddings()
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head}
+
+
+def quantized_weight_bytes(numel: int, rows: int, config: Config) -> int:
+    """Bytes of one quantized weight matrix with every per-block or per-row constant."""
+    quant = config.quant
+    if quant.method == QuantMethod.int8:
+        return numel + 4 * rows  # int8 weights, float32 scale per output row
+    blocks = math.ceil(numel / BLOCKSIZE_4BIT)
+    packed = math.ceil(numel / 2)
+    if not quant.double_quant:
+        return packed + 4 * blocks
+    return packed + blocks + 4 * math.ceil(blocks / BLOCKSIZE_NESTED) + 4  # uint8 absmax, float32 scales, offset
+
+
+def optimizer_state_bytes(numel: int, element_size: int, config: Config) -> int:
+    """Bytes of the optimizer state for one trainable tensor (the shared 8-bit code books not included)."""
+    name = config.optim.name
+    moments = 1 if name == OptimizerName.paged_lion_8bit else 2
+    if name == OptimizerName.adamw:
+        return moments * numel * element_size
+    if name == OptimizerName.paged_adamw_32bit or numel < config.optim.min_8bit_size:
+        return moments * numel * 4
+    return moments * (numel + 4 * math.ceil(numel / BLOCKSIZE_OPTIM))
+
+
+def _shared_state_bytes(config: Config) -> int:
+    name = config.optim.name
+    if name in (OptimizerName.adamw, OptimizerName.paged_adamw_32bit):
+        return 0
+    return QMAP_BYTES * (1 if name == OptimizerName.paged_lion_8bit else 2)
+
+
+def _compute_dtype(config: Config, device: str) -> torch.dtype:
+    from qlora.model import TORCH_DTYPES
+
+    if config.quant.compute_dtype != DType.auto:
+        return TORCH_DTYPES[config.quant.compute_dtype]
+    if device == "cuda" and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float32
+
+
+def _base_bytes(model: nn.Module, quantized: dict[str, nn.Linear], config: Config, upcast: bool) -> int:
+    weights = {id(m.weight) for m in quantized.values()}
+    total = sum(quantized_weight_bytes(m.weight.numel(), m.out_features, config) for m in quantized.values())
+    for p in model.parameters():
+        if id(p) not in weights:
+            total += p.numel() * (4 if upcast and p.is_floating_point() else p.element_size())
+    return total + sum(_nbytes(b) for b in model.buffers())
+
+
+def _trainable(model: nn.Module, config: Config, upcast: bool) -> list[torch.Tensor]:
+    """Meta tensors shaped and typed as the run's trainable parameters: LoRA A and B (float32, as peft keeps
+    adapters over a quantized or half-precision base), DoRA magnitudes, and full copies of modules_to_save."""
+    cfg = config.lora
+    tensors = []
+    for module in adapted_linears(model, config):
+        tensors.append(torch.empty(cfg.r, module.in_features, device="meta"))
+        tensors.append(torch.empty(module.out_features, cfg.r, device="meta"))
+        if cfg.dora:
+            tensors.append(torch.empty(module.out_features, device="meta"))
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in cfg.modules_to_save:
+            for p in module.parameters():
+                dtype = torch.float32 if upcast and p.is_floating_point() else p.dtype
+                tensors.append(torch.empty(p.shape, dtype=dtype, device="meta"))
+    return tensors
+
+
+def adapted_linears(model: nn.Module, config: Config) -> list[nn.Linear]:
+    """The linear layers lora.target_modules names (all but the output head for all-linear), as peft matches them."""
+    from qlora.lora import ALL_LINEAR, linear_module_names
+
+    targets = config.lora.target_modules
+    names = linear_module_names(model) if list(targets) == [ALL_LINEAR] else list(targets)
+    head = model.get_output_embeddings()
+    return [m for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and m is not head and name.rsplit(".", 1)[-1] in names]
+
+
+@dataclass
+class _PerToken:
+    activations: float
+    logits: float
+    workspace: float
+
+    @property
+    def total(self) -> float:
+        return self.activations + self.logits + self.workspace
+
+
+def _activation_per_token(arch, model: nn.Module, config: Config, dtype: torch.dtype, autocast: bool,
+                          upcast: bool) -> _PerToken:
+    """Bytes per token of the micro batch: saved activations, logits, and transient gradients."""
+    compute = torch.finfo(dtype).bits // 8
+    coeff = LAYER_BYTES[(2, True)] if compute == 2 or autocast else LAYER_BYTES[(4, False)]
+    hidden, layers = arch.hidden_size, arch.num_hidden_layers
+    heads = arch.num_attention_heads
+    head_dim = getattr(arch, "head_dim", None) or hidden // heads
+    kv = (getattr(arch, "num_key_value_heads", None) or heads) * head_dim
+    intermediate = getattr(arch, "intermediate_size", None) or 4 * hidden
+    adapted_per_layer = len(adapted_linears(model, config)) / layers
+    share = adapted_per_layer / 7  # the coefficients were measured with all seven linear layers adapted
+    layer = (coeff.hidden * hidden + coeff.intermediate * intermediate + coeff.kv * kv
+             + coeff.rank * config.lora.r * adapted_per_layer + coeff.heads * heads + coeff.scalar)
+    if config.model.attn_implementation == "eager":  # the attention matrix itself: float32 softmax, and its cast
+        layer += heads * config.train.seq_len * (4 + compute)
+    if config.lora.dropout > 0:
+        layer += share * (coeff.dropout_hidden * hidden + coeff.dropout_intermediate * intermediate)
+    residual = 4 if upcast else compute
+    if config.train.gradient_checkpointing:
+        activations = layers * residual * hidden + layer  # each layer's input, and one layer recomputed
+    else:
+        activations = layers * layer
+    activations += 3 * residual * hidden  # embeddings, final norm, head input
+    logits = arch.vocab_size * (compute + LOGITS_BYTES)
+    workspace = 2 * residual * hidden  # the residual stream's gradient, in and out of a layer
+    return _PerToken(activations, logits, workspace)
+
+
+def flops_per_token(arch, model: nn.Module, config: Config) -> float:
+    """See `Plan.flops_per_token`. Attention over a causal window of seq_len tokens averages seq_len / 2 keys."""
+    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    heads = arch.num_attention_heads
+    head_dim = getattr(arch, "head_dim", None) or arch.hidden_size // heads
+    attention = 2 * 2 * arch.num_hidden_layers * heads * head_dim * config.train.seq_len / 2  # QK^T and AV
+    forward = 2 * matmul + attention
+    backward = 2 * matmul + 2 * attention
+    return forward + backward + (forward if config.train.gradient_checkpointing else 0)
+
+
+def _capacity(config: Config, device: str) -> int | None:
+    if config.train.memory_limit_gb is not None:
+        return int(config.train.memory_limit_gb * GIB)
+    if device == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    return None
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def gib(n: float) -> str:
+    """Bytes for people: GiB, or MiB below one GiB."""
+    return f"{n / GIB:.2f} GiB" if abs(n) >= GIB else f"{n / 2**20:.1f} MiB"
+
+
+def describe(p: Plan, config: Config) -> str:
+    """The plan as a table a person reads, with the verdict and what to change."""
+    t = config.train
+    rows = [
+        ("base model", f"{p.parameters:,} parameters, {p.quantized_parameters:,} quantized "
+                       f"({config.quant.method.value}{'+dq' if config.quant.double_quant else ''})", p.base_bytes),
+        ("LoRA weights", f"{p.trainable_parameters:,} trainable (r={config.lora.r})", p.trainable_bytes),
+        ("LoRA gradients", "", p.gradient_bytes),
+        ("optimizer state", config.optim.name.value + (" (paged: CUDA unified memory)" if p.optimizer_paged else ""),
+         p.optimizer_bytes),
+        ("activations", f"micro batch {t.micro_batch_size} x seq_len {t.seq_len}, gradient checkpointing "
+                        f"{'on' if t.gradient_checkpointing else 'off'} (estimate)", p.activation_bytes),
+        ("logits and loss", "float32 log-softmax and its gradients (estimate)", p.logits_bytes),
+        ("workspace", "dequantized weight, gradients in flight (estimate)", p.workspace_bytes),
+    ]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"qlora plan: {p.model} on {p.device} ({p.dtype} compute)"]
+    lines += [f"  {name:<{width}}  {gib(n):>11}  {what}" for name, what, n in rows]
+    lines.append(f"  {'total':<{width}}  {gib(p.total_bytes):>11}  peak, estimated")
+    if p.capacity_bytes is None:
+        lines.append("  no GPU visible: give train.memory_limit_gb=N to check a card of N GiB")
+        return "\n".join(lines)
+    verdict = "fits" if p.fits else "does NOT fit"
+    lines.append(f"  {verdict} in {gib(p.capacity_bytes)} ({gib(CUDA_RESERVE)} kept free for CUDA); "
+                 f"largest micro batch at seq_len {t.seq_len}: {p.largest_micro_batch(t.seq_len)}; "
+                 f"longest seq_len at micro batch {t.micro_batch_size}: {p.largest_seq_len(t.micro_batch_size)}")
+    return "\n".join(lines)
+
+
+def check_fits(config: Config, device: str) -> Plan | None:
+    """Refuse a run whose estimated peak exceeds the GPU (train.check_memory), naming what to change."""
+    if not config.train.check_memory or device != "cuda":
+        return None
+    p = plan(config, device)
+    log.info("memory plan: %s peak of %s usable (qlora plan for the breakdown)", gib(p.total_bytes),
+             gib(p.usable_bytes) if p.usable_bytes is not None else "?")
+    if p.fits is not False:
+        return p
+    t = config.train
+    if p.fixed_bytes > p.usable_bytes:
+        advice = "the weights and optimizer state alone do not fit: use a smaller model, quant=nf4-dq, a lower lora.r"
+    else:
+        batch, seq = p.largest_micro_batch(t.seq_len), p.largest_seq_len(t.micro_batch_size)
+        options = []
+        if batch:
+            options.append(f"train.micro_batch_size={batch} (raise train.grad_accum_steps to keep the batch)")
+        if seq:
+            options.append(f"train.seq_len={seq}")
+        if not t.gradient_checkpointing:
+            options.append("train.gradient_checkpointing=true")
+        advice = "set " + " or ".join(options) if options else "use a smaller model"
+    raise QloraError(f"the run needs about {gib(p.total_bytes)} of GPU memory and {gib(p.usable_bytes)} is usable "
+                     f"(qlora plan shows the breakdown); {advice}, or train.check_memory=false to try anyway")

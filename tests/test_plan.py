@@ -1,0 +1,192 @@
+"""`qlora plan`: the exact quantities (base, LoRA, optimizer state) equal the bytes of the tensors a run allocates;
+the activation estimate is within 10% of the bytes autograd saves; the check refuses runs that cannot fit."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qlora import demo
+from qlora.composition import compose_config
+from qlora.errors import QloraError
+from qlora.lora import attach_lora
+from qlora.model import load_base_model, quant_report
+from qlora.optim import build_optimizer
+from qlora.plan import check_fits, plan
+from tests.conftest import REPO, qlora_cli
+
+CPU = torch.device("cpu")
+
+
+def _prepared_base(config):
+    from peft import prepare_model_for_kbit_training
+
+    demo.prepare_assets(config)
+    model = load_base_model(config.model, config.quant, CPU)
+    if config.quant.method.value != "none" and config.train.prepare_kbit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model
+
+
+def _state_bytes(optimizer) -> int:
+    """Bytes of every tensor in the optimizer state, each storage once (the 8-bit code books are shared)."""
+    storages = {}
+    for values in optimizer.state.values():
+        for value in values.values():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:  # 0-dim: torch AdamW's step counter
+                storages[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("overrides", [
+    ["quant=nf4-dq", "optim=paged_adamw_8bit"],
+    ["quant=nf4", "optim=adamw", "lora.r=8"],
+    ["quant=fp4-dq", "optim=paged_lion_8bit", "optim.min_8bit_size=4096"],
+    ["quant=int8", "optim=paged_adamw_32bit"],
+    ["quant=nf4-dq", "optim=adamw", "lora.dora=true"],
+    ["quant=none", "optim=adamw_8bit", "lora.modules_to_save=[lm_head]", "lora.target_modules=[q_proj,v_proj]"],
+])
+def test_exact_bytes_equal_the_tensors_of_a_run(tiny_config, overrides):
+    config = tiny_config(*overrides)
+    model = _prepared_base(config)
+    if config.quant.method.value == "int8":
+        model(input_ids=torch.tensor([[1, 2, 3]]))  # bitsandbytes moves int8 row scales on the first forward
+    measured_base = quant_report(model).total_bytes
+    model = attach_lora(model, config.lora)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(trainable, config.optim, CPU)
+    model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits.float().sum().backward()
+    optimizer.step()
+
+    estimate = plan(config, "cpu")
+    assert estimate.base_bytes == measured_base
+    assert estimate.trainable_parameters == sum(p.numel() for p in trainable)
+    assert estimate.trainable_bytes == sum(p.numel() * p.element_size() for p in trainable)
+    assert estimate.gradient_bytes == sum(p.grad.numel() * p.grad.element_size() for p in trainable)
+    assert estimate.optimizer_bytes == _state_bytes(optimizer)
+
+
+def test_quantized_parameter_count_and_storage_match_the_loaded_model(tiny_config):
+    config = tiny_config("quant=nf4-dq")
+    report = quant_report(_prepared_base(config))
+    estimate = plan(config, "cpu")
+    assert estimate.quantized_parameters == report.quantized_params
+    assert estimate.parameters == sum(p.numel() for p in _prepared_base(tiny_config("quant=none")).parameters())
+
+
+def _saved_bytes(model, batch: torch.Tensor, autocast: bool) -> int:
+    """Bytes autograd keeps for the backward pass of one forward and loss (each storage once, weights excluded)."""
+    from qlora.evaluation import token_loss_sum
+
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None:
+            nested = [state.state2.absmax, state.state2.code] if state.state2 is not None else []
+            for t in [state.absmax, state.code, getattr(state, "offset", None), *nested]:
+                if isinstance(t, torch.Tensor):
+                    weights.add(t.untyped_storage().data_ptr())
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    cast = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), cast:
+        logits = model(input_ids=batch).logits
+        token_loss_sum(logits, batch)
+    return sum(saved.values())
+
+
+# A shape unlike the one the coefficients were measured on: other widths, head count, GQA ratio and rank.
+OTHER_SHAPE = ["model.scratch.hidden_size=192", "model.scratch.intermediate_size=512",
+               "model.scratch.num_attention_heads=3", "model.scratch.num_key_value_heads=1",
+               "model.scratch.num_hidden_layers=3", "lora.r=8"]
+
+
+@pytest.mark.parametrize("overrides", [
+    ["lora.dropout=0.0", "train.gradient_checkpointing=false"],
+    ["lora.dropout=0.1", "train.gradient_checkpointing=false"],
+    ["lora.dropout=0.0", "train.gradient_checkpointing=false", "quant.compute_dtype=bfloat16",
+     "train.mixed_precision=bf16"],
+    ["lora.dropout=0.1", "train.gradient_checkpointing=false", "quant.compute_dtype=bfloat16",
+     "train.mixed_precision=bf16"],
+])
+def test_activation_estimate_is_within_10_percent_of_what_autograd_saves(tiny_config, cache_dir, overrides):
+    config = tiny_config(*OTHER_SHAPE, f"model.scratch.path={cache_dir}/tiny192", "train.micro_batch_size=3",
+                         "train.seq_len=80", *overrides)
+    model = attach_lora(_prepared_base(config), config.lora)
+    model.train()
+    batch = torch.randint(0, model.config.vocab_size, (config.train.micro_batch_size, config.train.seq_len))
+    measured = _saved_bytes(model, batch, config.train.mixed_precision.value == "bf16")
+    estimate = plan(config, "cpu")
+    saved_logits = estimate.tokens * model.config.vocab_size * 4  # the float32 log-softmax the loss keeps
+    assert estimate.activation_bytes + saved_logits == pytest.approx(measured, rel=0.10)
+
+
+def test_gradient_checkpointing_plans_for_layer_inputs_plus_one_layer(tiny_config):
+    on = plan(tiny_config("train.gradient_checkpointing=true"), "cpu")
+    off = plan(tiny_config("train.gradient_checkpointing=false"), "cpu")
+    layers, hidden = 2, 128
+    outside = 3 * 4 * hidden * on.tokens  # embeddings, final norm, head input (float32 residual stream)
+    assert on.activation_bytes < off.activation_bytes
+    assert on.activation_bytes - outside - layers * 4 * hidden * on.tokens == pytest.approx(
+        (off.activation_bytes - outside) / layers, abs=2)
+
+
+def test_largest_micro_batch_and_seq_len_fit_and_one_more_does_not(tiny_config):
+    config = tiny_config("train.memory_limit_gb=1.05", "train.micro_batch_size=4", "train.seq_len=128")
+    estimate = plan(config, "cuda")
+    batch = estimate.largest_micro_batch(128)
+    assert batch and batch >= 1
+    fitting = plan(tiny_config("train.memory_limit_gb=1.05", f"train.micro_batch_size={batch}",
+                               "train.seq_len=128"), "cuda")
+    too_big = plan(tiny_config("train.memory_limit_gb=1.05", f"train.micro_batch_size={batch + 1}",
+                               "train.seq_len=128"), "cuda")
+    assert fitting.fits and not too_big.fits
+
+
+def test_check_refuses_a_run_that_cannot_fit_and_names_the_setting(tiny_config):
+    config = tiny_config("train.memory_limit_gb=1.02", "train.micro_batch_size=64", "train.seq_len=256")
+    with pytest.raises(QloraError, match=r"train\.micro_batch_size=\d+ .*train\.check_memory=false"):
+        check_fits(config, "cuda")
+    assert check_fits(tiny_config("train.memory_limit_gb=1.02", "train.check_memory=false",
+                                  "train.micro_batch_size=64"), "cuda") is None
+    assert check_fits(config, "cpu") is None  # CPU memory is not planned
+
+
+def test_a_hub_model_is_planned_from_model_architecture_without_downloading(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = compose_config([f"output_dir={tmp_path}/run", "model=llama3.1-8b", "train.memory_limit_gb=80",
+                             "lora.r=64", "train.micro_batch_size=1", "train.seq_len=2048"])
+    estimate = plan(config, "cuda")
+    assert estimate.parameters == 8_030_261_248  # Llama 3.1 8B
+    # 4-bit with double quantization: 4.127 bits per quantized weight (the QLoRA paper's figure), to 0.1%
+    from qlora.plan import quantized_weight_bytes
+    q = estimate.quantized_parameters
+    assert 8 * quantized_weight_bytes(q, 1, config) / q == pytest.approx(4.127, rel=1e-3)
+    assert estimate.fits
+
+
+def test_qlora_plan_cli(tmp_path, cache_dir):
+    result = qlora_cli("plan", f"cache_dir={cache_dir}", f"model.scratch.path={cache_dir}/tiny128",
+                       "model.scratch.hidden_size=128", "model.scratch.intermediate_size=256",
+                       "model.scratch.num_hidden_layers=2", "train.memory_limit_gb=8", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "LoRA weights" in result.stdout and "fits in 8.00 GiB" in result.stdout
+    bad = qlora_cli("plan", "lora.rr=8", cwd=tmp_path)
+    assert bad.returncode == 2 and "unknown config key 'lora.rr'" in bad.stderr
+
+
+def test_recipe_headers_state_what_qlora_plan_says(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "recipe_headers.py"), "--check"], cwd=tmp_path,
+                            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
