@@ -16,6 +16,7 @@ this framework's code path (see `LAYER_BYTES`), plus the logits and the loss's f
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -379,6 +380,46 @@ def flops_per_token(arch, model: nn.Module, config: Config) -> float:
     forward = 2 * matmul + attention
     backward = 2 * matmul + 2 * attention
     return forward + backward + (forward if config.train.gradient_checkpointing else 0)
+
+
+# Measurements the plan is checked against (tests, scripts/plan_vs_measured.py).
+
+
+def measured_state_bytes(optimizer) -> int:
+    """Bytes of every tensor in the optimizer state, each storage once (the 8-bit code books are shared)."""
+    storages = {}
+    for values in optimizer.state.values():
+        for value in values.values():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:  # 0-dim: torch AdamW's step counter
+                storages[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def measured_saved_bytes(model, batch: torch.Tensor, autocast: bool) -> int:
+    """Bytes autograd keeps for the backward pass of one forward and loss (each storage once, weights excluded)."""
+    from qlora.evaluation import token_loss_sum
+
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None:
+            nested = [state.state2.absmax, state.state2.code] if state.state2 is not None else []
+            for t in [state.absmax, state.code, getattr(state, "offset", None), *nested]:
+                if isinstance(t, torch.Tensor):
+                    weights.add(t.untyped_storage().data_ptr())
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    cast = torch.autocast(batch.device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), cast:
+        logits = model(input_ids=batch).logits
+        token_loss_sum(logits, batch)
+    return sum(saved.values())
 
 
 def _capacity(config: Config, device: str) -> int | None:

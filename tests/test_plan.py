@@ -3,7 +3,6 @@ the activation estimate is within 10% of the bytes autograd saves; the check ref
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from qlora.errors import QloraError
 from qlora.lora import attach_lora
 from qlora.model import load_base_model, quant_report
 from qlora.optim import build_optimizer
-from qlora.plan import check_fits, plan
+from qlora.plan import check_fits, measured_saved_bytes, measured_state_bytes, plan
 from tests.conftest import REPO, qlora_cli
 
 CPU = torch.device("cpu")
@@ -31,16 +30,6 @@ def _prepared_base(config):
     if config.quant.method.value != "none" and config.train.prepare_kbit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model
-
-
-def _state_bytes(optimizer) -> int:
-    """Bytes of every tensor in the optimizer state, each storage once (the 8-bit code books are shared)."""
-    storages = {}
-    for values in optimizer.state.values():
-        for value in values.values():
-            if isinstance(value, torch.Tensor) and value.dim() > 0:  # 0-dim: torch AdamW's step counter
-                storages[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
-    return sum(storages.values())
 
 
 @pytest.mark.parametrize("overrides", [
@@ -68,7 +57,7 @@ def test_exact_bytes_equal_the_tensors_of_a_run(tiny_config, overrides):
     assert estimate.trainable_parameters == sum(p.numel() for p in trainable)
     assert estimate.trainable_bytes == sum(p.numel() * p.element_size() for p in trainable)
     assert estimate.gradient_bytes == sum(p.grad.numel() * p.grad.element_size() for p in trainable)
-    assert estimate.optimizer_bytes == _state_bytes(optimizer)
+    assert estimate.optimizer_bytes == measured_state_bytes(optimizer)
 
 
 def test_quantized_parameter_count_and_storage_match_the_loaded_model(tiny_config):
@@ -77,33 +66,6 @@ def test_quantized_parameter_count_and_storage_match_the_loaded_model(tiny_confi
     estimate = plan(config, "cpu")
     assert estimate.quantized_parameters == report.quantized_params
     assert estimate.parameters == sum(p.numel() for p in _prepared_base(tiny_config("quant=none")).parameters())
-
-
-def _saved_bytes(model, batch: torch.Tensor, autocast: bool) -> int:
-    """Bytes autograd keeps for the backward pass of one forward and loss (each storage once, weights excluded)."""
-    from qlora.evaluation import token_loss_sum
-
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    for module in model.modules():
-        state = getattr(getattr(module, "weight", None), "quant_state", None)
-        if state is not None:
-            nested = [state.state2.absmax, state.state2.code] if state.state2 is not None else []
-            for t in [state.absmax, state.code, getattr(state, "offset", None), *nested]:
-                if isinstance(t, torch.Tensor):
-                    weights.add(t.untyped_storage().data_ptr())
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in weights:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    cast = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), cast:
-        logits = model(input_ids=batch).logits
-        token_loss_sum(logits, batch)
-    return sum(saved.values())
 
 
 # A shape unlike the one the coefficients were measured on: other widths, head count, GQA ratio and rank.
@@ -126,7 +88,7 @@ def test_activation_estimate_is_within_10_percent_of_what_autograd_saves(tiny_co
     model = attach_lora(_prepared_base(config), config.lora)
     model.train()
     batch = torch.randint(0, model.config.vocab_size, (config.train.micro_batch_size, config.train.seq_len))
-    measured = _saved_bytes(model, batch, config.train.mixed_precision.value == "bf16")
+    measured = measured_saved_bytes(model, batch, config.train.mixed_precision.value == "bf16")
     estimate = plan(config, "cpu")
     saved_logits = estimate.tokens * model.config.vocab_size * 4  # the float32 log-softmax the loss keeps
     assert estimate.activation_bytes + saved_logits == pytest.approx(measured, rel=0.10)

@@ -1,0 +1,70 @@
+"""`qlora plan` against what a run allocates, on this machine: prints a Markdown table.
+
+    python scripts/plan_vs_measured.py [--cache DIR]
+
+For tiny Llama-architecture models on the CPU: the exact quantities (quantized base, LoRA weights, optimizer
+state) against the bytes of the loaded tensors, and the activation estimate against the bytes autograd saves for
+the backward pass (measured with saved-tensor hooks). On a GPU the whole-run peak would be compared with CUDA's
+max allocated; that comparison has not been run yet (no GPU was available when this was written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+import torch
+from peft import prepare_model_for_kbit_training
+
+from qlora import demo
+from qlora.composition import compose_config
+from qlora.lora import attach_lora
+from qlora.model import load_base_model, quant_report
+from qlora.optim import build_optimizer
+from qlora.plan import gib, measured_saved_bytes, measured_state_bytes, plan
+
+SHAPE = ["model.scratch.hidden_size=192", "model.scratch.intermediate_size=512", "model.scratch.num_attention_heads=3",
+         "model.scratch.num_key_value_heads=1", "model.scratch.num_hidden_layers=3", "lora.r=8",
+         "train.micro_batch_size=3", "train.seq_len=80", "train.loggers=[]", "train.gradient_checkpointing=false"]
+CASES = {
+    "float32, dropout 0": ["lora.dropout=0.0"],
+    "float32, dropout 0.1": ["lora.dropout=0.1"],
+    "bf16 autocast, dropout 0": ["lora.dropout=0.0", "quant.compute_dtype=bfloat16", "train.mixed_precision=bf16"],
+    "bf16 autocast, dropout 0.1": ["lora.dropout=0.1", "quant.compute_dtype=bfloat16", "train.mixed_precision=bf16"],
+}
+
+
+CPU = torch.device("cpu")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", default=tempfile.mkdtemp(prefix="qlora-plan-"))
+    args = parser.parse_args()
+    print("| case | base (plan / tensors) | LoRA | optimizer state | activations saved (plan / autograd) | ratio |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, overrides in CASES.items():
+        config = compose_config([f"cache_dir={args.cache}", f"model.scratch.path={args.cache}/m",
+                                 f"output_dir={args.cache}/r", *SHAPE, *overrides])
+        demo.prepare_assets(config)
+        base = prepare_model_for_kbit_training(load_base_model(config.model, config.quant, CPU),
+                                               use_gradient_checkpointing=False)
+        base_bytes = quant_report(base).total_bytes
+        model = attach_lora(base, config.lora)
+        model.train()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        batch = torch.randint(0, model.config.vocab_size, (config.train.micro_batch_size, config.train.seq_len))
+        saved = measured_saved_bytes(model, batch, config.train.mixed_precision.value == "bf16")
+        optimizer = build_optimizer(trainable, config.optim, CPU)
+        model(input_ids=batch[:, :8]).logits.float().sum().backward()
+        optimizer.step()
+        p = plan(config, "cpu")
+        planned = p.activation_bytes + p.tokens * model.config.vocab_size * 4
+        lora = sum(t.numel() * t.element_size() for t in trainable)
+        print(f"| {name} | {p.base_bytes:,} / {base_bytes:,} | {p.trainable_bytes:,} / {lora:,} | "
+              f"{p.optimizer_bytes:,} / {measured_state_bytes(optimizer):,} | {gib(planned)} / {gib(saved)} | "
+              f"{planned / saved:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
