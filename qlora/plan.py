@@ -479,7 +479,12 @@ def check_fits(config: Config, device: str) -> Plan | None:
         return p
     t = config.train
     if p.fixed_bytes > p.usable_bytes:
-        advice = "the weights and optimizer state alone do not fit: use a smaller model, quant=nf4-dq, a lower lora.r"
+        options = ["a smaller model", "a lower lora.r"]
+        if not (config.quant.method in (QuantMethod.nf4, QuantMethod.fp4) and config.quant.double_quant):
+            options.append("quant=nf4-dq")
+        if config.train.prepare_kbit and config.quant.method != QuantMethod.none:
+            options.append("train.prepare_kbit=false (keeps embeddings and head in the compute dtype, not float32)")
+        advice = f"the weights, LoRA and optimizer state alone need {gib(p.fixed_bytes)}: use {', '.join(options)}"
     else:
         batch, seq = p.largest_micro_batch(t.seq_len), p.largest_seq_len(t.micro_batch_size)
         options = []
