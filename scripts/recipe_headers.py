@@ -1,4 +1,5 @@
-"""Fill the `# memory:` and `# time:` lines of every recipe's header from `qlora plan`, so they cannot go stale.
+"""Fill the `# memory:` and `# time:` lines of every recipe's header (and the catalog table in docs/recipes.md) from
+`qlora plan`, so they cannot go stale.
 
     python scripts/recipe_headers.py           # rewrite the headers
     python scripts/recipe_headers.py --check   # exit 1 if a header differs from what the plan says
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from qlora.composition import compose_config, recipe_paths
 from qlora.plan import gib, plan
@@ -39,14 +41,31 @@ def header_values(name: str) -> dict[str, str]:
     return values
 
 
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "recipes.md"
+
+
+def catalog_doc(text: str, values: dict[str, dict[str, str]]) -> str:
+    """docs/recipes.md with the memory and time cells (the last two) of each recipe's catalog row replaced."""
+    lines = []
+    for line in text.splitlines(keepends=True):
+        name = line.split("`")[1] if line.startswith("| `") else None
+        if name in values:
+            cells = line.rstrip("\n").split(" | ")
+            cells[-2:] = [values[name]["memory"], values[name]["time"] + " |"]
+            line = " | ".join(cells) + "\n"
+        lines.append(line)
+    return "".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="report stale headers instead of rewriting them")
     args = parser.parse_args()
-    stale = []
+    stale, everything = [], {}
     for name, path in recipe_paths().items():
         header = read_header(path)
-        for key, value in header_values(name).items():
+        everything[name] = header_values(name)
+        for key, value in everything[name].items():
             if header.get(key) == value:
                 continue
             if args.check:
@@ -54,6 +73,13 @@ def main() -> int:
             else:
                 set_header_field(path, key, value)
                 print(f"{path.name}: {key}: {value}")
+    doc = catalog_doc(DOCS.read_text(), everything)
+    if doc != DOCS.read_text():
+        if args.check:
+            stale.append("docs/recipes.md: the catalog table's memory / time columns")
+        else:
+            DOCS.write_text(doc)
+            print("docs/recipes.md: catalog table updated")
     if stale:
         print("stale recipe headers (run python scripts/recipe_headers.py):\n  " + "\n  ".join(stale), file=sys.stderr)
         return 1
