@@ -250,7 +250,7 @@ _PANELS = (
     _Panel("Learning rate", "learning rate", ("lr",), "#2ca02c"),
     _Panel("Gradient norm", "L2 norm before clipping", ("grad_norm",), "#9467bd"),
     _Panel("Throughput", "tokens / s", ("tokens_per_s",), "#ff7f0e"),
-    _Panel("Peak memory so far", "GB", MEMORY_KEYS, "#8c564b"),
+    _Panel("Peak memory so far", "GiB", MEMORY_KEYS, "#8c564b"),
 )
 """The small panels under the loss, left to right; one without data in this run is left out."""
 
@@ -431,7 +431,7 @@ def summary_rows(run: RunRecord) -> list[tuple[str, str]]:
         rows.append(("base weights in memory", _bytes(run.stat("base_bytes"))))
     memory = peak_memory_gb(run)
     if memory is not None:
-        rows.append(("peak memory", f"{memory:.2f} GB"))
+        rows.append(("peak memory", f"{memory:.2f} GiB"))
     _, speeds = run.series("tokens_per_s")
     if any(math.isfinite(s) for s in speeds):
         rows.append(("throughput (median)", f"{statistics.median(s for s in speeds if math.isfinite(s)):,.0f} "

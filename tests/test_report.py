@@ -169,7 +169,7 @@ def test_summary_extras_and_old_memory_key(tmp_path):
     table = dict(report.summary_rows(report.read_run(folder)))
     assert table["eval loss"] == "2.0000 \u2192 1.0000"
     assert table["eval perplexity"] == "7.39 \u2192 2.72"  # exp(2), exp(1)
-    assert table["peak memory"] == "1.75 GB"  # the largest cuda_max_allocated_gb row
+    assert table["peak memory"] == "1.75 GiB"  # the largest cuda_max_allocated_gb row
     assert table["throughput (median)"] == "200 tokens / s"
     assert table["tokens seen"] == "1,234" and table["optimizer steps"] == "20"
     assert "finished" in page and "org/some-model" in page
@@ -179,7 +179,7 @@ def test_summary_extras_and_old_memory_key(tmp_path):
         "base_bytes": 3 * 2**30, "parameters": {"base": 1_000_000_000, "quantized": 900_000_000,
                                                 "trainable": 5_000_000}})
     table = dict(report.summary_rows(report.read_run(new)))
-    assert table["peak memory"] == "3.50 GB"  # summary.json's figure wins over the rows'
+    assert table["peak memory"] == "3.50 GiB"  # summary.json's figure wins over the rows'
     assert table["time"] == "1:02:05 (h:mm:ss)"
     assert table["base weights in memory"] == "3.00 GiB"
     assert table["trainable parameters"] == "5,000,000 (5 M, 0.50% of base)"
