@@ -24,13 +24,14 @@ from accelerate import Accelerator
 
 from qlora import checkpoint, demo, hub, runfolder
 from qlora import data as qdata
-from qlora.config import Config, Logger, OnNonFinite, validate
-from qlora.errors import QloraError
+from qlora.config import Config, OnNonFinite, validate
+from qlora.errors import ConfigError, QloraError
 from qlora.evaluation import perplexity, score, token_loss_sum
 from qlora.files import write_folder_atomic, write_text_atomic
 from qlora.lora import attach_lora
-from qlora.metrics import MetricsLog
+from qlora.metrics import MetricsLog, logger_problems
 from qlora.model import (
+    QuantReport,
     check_model_config,
     compute_dtype,
     load_base_model,
@@ -39,6 +40,7 @@ from qlora.model import (
     quant_report,
 )
 from qlora.optim import build_optimizer, build_scheduler, load_optimizer_state
+from qlora.plan import check_fits
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +122,8 @@ def run(config: Config, recipe: str | None = None) -> RunResult:
     was never interrupted (bit for bit on CPU).
     """
     validate(config)
+    if problems := logger_problems(config.train.loggers):
+        raise ConfigError(problems)
     runfolder.check_output_dir(config)
     with runfolder.RunLog() as runlog:
         try:
@@ -135,6 +139,7 @@ def _run(config: Config, resumed: checkpoint.Checkpoint | None, state: TrainStat
          runlog: runfolder.RunLog, recipe: str | None) -> RunResult:
     from accelerate.utils import set_seed
 
+    started = time.perf_counter()
     out = Path(config.output_dir)
     accelerator = Accelerator(mixed_precision=mixed_precision(config.train.mixed_precision))
     device = accelerator.device
@@ -147,6 +152,7 @@ def _run(config: Config, resumed: checkpoint.Checkpoint | None, state: TrainStat
     hub.prepare(hub.hub_ids(config))
     demo.prepare_assets(config)
     check_model_config(config.model, config.train.seq_len)
+    memory_plan = check_fits(config, device.type)
     tokenizer = load_tokenizer(config.model)
 
     # Data: tokenized (or read from the cache) and checked before any weights load
@@ -163,7 +169,7 @@ def _run(config: Config, resumed: checkpoint.Checkpoint | None, state: TrainStat
     # Base model, quantized and frozen
     t0 = time.perf_counter()
     model = load_base_model(config.model, config.quant, device)
-    _log_base(model, config, time.perf_counter() - t0)
+    base = _log_base(model, config, time.perf_counter() - t0)
     if config.quant.method.value != "none" and config.train.prepare_kbit:
         from peft import prepare_model_for_kbit_training
 
@@ -175,6 +181,9 @@ def _run(config: Config, resumed: checkpoint.Checkpoint | None, state: TrainStat
 
     # LoRA
     model = attach_lora(model, config.lora)
+    trainable_count, total_count = model.get_nb_trainable_parameters()
+    parameters = {"base": total_count - trainable_count, "quantized": base.quantized_params if base else 0,
+                  "trainable": trainable_count}
     if config.data.packing:
         check_packed_attention(model, qdata.first_batch(train_loader), device)
 
@@ -200,7 +209,8 @@ def _run(config: Config, resumed: checkpoint.Checkpoint | None, state: TrainStat
 
     # Everything checked: from here on, output_dir holds this run
     _commit(config, tokenizer, runlog, accelerator, recipe)
-    metrics = MetricsLog(out, Logger.tensorboard in config.train.loggers, start=state.step,
+    metrics = MetricsLog(out, config.train.loggers, config.train.project, out.resolve().name, asdict(config),
+                         start=state.step,
                          history=None if resumed is None else checkpoint.run_dir_of(resumed.path) / "metrics.jsonl")
     training = Training(config, out, accelerator, model, optimizer, scheduler, train_loader, sampler, eval_loader,
                         metrics, before)
@@ -215,7 +225,12 @@ def _run(config: Config, resumed: checkpoint.Checkpoint | None, state: TrainStat
     samples = [{"prompt": p, "before": b, "after": a}
                for p, b, a in zip(config.train.sample_prompts, before, after, strict=True)]
     if accelerator.is_main_process:
-        _save_results(out, accelerator.unwrap_model(model), samples, state)
+        summary = {"parameters": parameters, "base_bytes": base.total_bytes if base else None,
+                   "peak_memory_gb": peak_memory_gb(device), "seconds": time.perf_counter() - started,
+                   "planned_memory_gb": memory_plan.total_bytes / 2**30 if memory_plan else None}
+        _save_results(out, accelerator.unwrap_model(model), samples, state, summary)
+        if config.train.report:
+            _write_report(out)
     for s in samples:
         log.info("sample: %s\n  before: %s\n  after:  %s", s["prompt"], s["before"] or "(nothing)", s["after"])
     if state.first_eval_loss is not None and state.final_eval_loss is not None:
@@ -298,16 +313,37 @@ def save_checkpoint(training: Training, state: TrainState) -> Path:
     return path
 
 
-def _save_results(out: Path, model, samples: list[dict], state: TrainState) -> None:
+def _save_results(out: Path, model, samples: list[dict], state: TrainState, summary: dict) -> None:
     try:
         write_folder_atomic(out / "adapter", lambda folder: model.save_pretrained(str(folder)))
         if samples:
             write_text_atomic(out / "samples.json", json.dumps(samples, indent=2) + "\n")
-        write_text_atomic(out / "summary.json", json.dumps(asdict(state), indent=2) + "\n")
+        write_text_atomic(out / "summary.json", json.dumps({**asdict(state), **summary}, indent=2) + "\n")
     except OSError as e:
         found = checkpoint.complete_checkpoints(out)
         kept = f"checkpoint {found[-1]} holds the trained weights" if found else "no checkpoint holds them"
         raise QloraError(checkpoint.no_space_message(e, f"the adapter to {out}", kept)) from e
+
+
+def _write_report(out: Path) -> None:
+    """The run's report.html / report.png; a failure to draw it is logged, never fatal to a finished run."""
+    from qlora.report import write_report
+
+    try:
+        html, png = write_report(out)[::-1]
+        log.info("report: %s (and %s)", html, png.name)
+    except (QloraError, OSError, ValueError) as e:
+        log.warning("the run finished, but its report could not be written (%s); "
+                    "qlora report %s retries", str(e).splitlines()[0], out)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory so far (GiB): CUDA's max allocated on a GPU, the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def train_loop(training: Training, state: TrainState) -> None:
@@ -323,7 +359,7 @@ def train_loop(training: Training, state: TrainState) -> None:
     if evaluate_now and state.step == 0:
         state.first_eval_loss = state.final_eval_loss = _evaluate(training)
         training.metrics.write({"step": 0, "eval_loss": state.first_eval_loss})
-    progress = _progress_bar(cfg, accelerator, state.step)
+    progress = Progress(cfg, accelerator.is_main_process, state.step)
     window_start, window_tokens = time.perf_counter(), 0
     nonfinite_in_a_row = 0
     saved_at = state.step if state.step > 0 else None  # a resumed run starts on a checkpoint
@@ -354,12 +390,13 @@ def train_loop(training: Training, state: TrainState) -> None:
                 tokens_per_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
                 row = _train_row(training, state, loss, grad_norm, tokens_per_s)
                 training.metrics.write(row)
-                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+                progress.show(row)
                 window_start, window_tokens = time.perf_counter(), 0
             if evaluate_now and (state.step % cfg.eval_every_steps == 0 or last):
                 state.final_eval_loss = _evaluate(training)
                 training.metrics.write({"step": state.step, "eval_loss": state.final_eval_loss})
-                progress.write(f"step {state.step}: eval loss {state.final_eval_loss:.4f}")
+                progress.write(f"step {state.step}: eval loss {state.final_eval_loss:.4f} "
+                               f"(perplexity {perplexity(state.final_eval_loss):.2f})")
                 window_start = time.perf_counter()  # eval time is not training throughput
             if last or (cfg.save_every_steps and state.step % cfg.save_every_steps == 0):
                 save_checkpoint(training, state)
@@ -381,8 +418,7 @@ def _train_row(training: Training, state: TrainState, loss: float, grad_norm: fl
            "tokens_per_s": tokens_per_s, "tokens_seen": state.tokens_seen}
     if grad_norm is not None:
         row["grad_norm"] = grad_norm
-    if torch.cuda.is_available():
-        row["cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    row["memory_gb"] = peak_memory_gb(training.accelerator.device)
     return row
 
 
@@ -535,26 +571,57 @@ def _maybe_no_sync(accelerator, model, sync: bool):
     return nullcontext() if sync else accelerator.no_sync(model)
 
 
-def _progress_bar(cfg, accelerator, start: int):
-    from tqdm.auto import tqdm
+class Progress:
+    """One progress bar on a terminal (step, loss, lr, tokens/s, memory, ETA); elsewhere, or with
+    train.progress=false, one log line per metrics row, so logs and CI get no bar redraws."""
 
-    enabled = cfg.progress and accelerator.is_main_process and sys.stderr.isatty()
-    return tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step", disable=not enabled,
-                dynamic_ncols=True)
+    def __init__(self, cfg, main_process: bool, start: int) -> None:
+        from tqdm.auto import tqdm
+
+        self.total, self.start, self.began = cfg.max_steps, start, time.perf_counter()
+        self.main = main_process
+        self.bar = tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                        disable=not (cfg.progress and main_process and sys.stderr.isatty()))
+
+    def show(self, row: dict) -> None:
+        postfix = {"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}", "tok/s": f"{row['tokens_per_s']:.0f}",
+                   "mem": f"{row['memory_gb']:.2f}G"}
+        if not self.bar.disable:
+            self.bar.set_postfix(postfix, refresh=False)
+        elif self.main:
+            done = row["step"] - self.start
+            eta = (time.perf_counter() - self.began) / done * (self.total - row["step"]) if done > 0 else 0.0
+            log.info("step %d/%d  loss %s  lr %s  %s tokens/s  %s GiB  eta %s", row["step"], self.total,
+                     postfix["loss"], postfix["lr"], postfix["tok/s"], f"{row['memory_gb']:.2f}",
+                     time.strftime("%H:%M:%S", time.gmtime(eta)))
+
+    def update(self, n: int) -> None:
+        self.bar.update(n)
+
+    def write(self, message: str) -> None:
+        if not self.bar.disable:
+            self.bar.write(message)
+        elif self.main:
+            log.info("%s", message)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
-def _log_base(model, config: Config, seconds: float) -> None:
+def _log_base(model, config: Config, seconds: float) -> QuantReport | None:
+    """Log what the base costs; its quantization report (None when unquantized)."""
     if config.quant.method.value == "none":
         n = sum(p.numel() for p in model.parameters())
         log.info("base %s loaded unquantized in %.1fs: %s parameters, %.1f MiB", config.model.name_or_path, seconds,
                  f"{n:,}", model.get_memory_footprint() / 2**20)
-        return
+        return None
     report = quant_report(model)
     log.info("base %s loaded as %s%s in %.1fs: %s parameters quantized at %.3f bits each, %s kept in %s; "
              "%.1f MiB in all", config.model.name_or_path, config.quant.method.value,
              "+double-quant" if config.quant.double_quant else "", seconds, f"{report.quantized_params:,}",
              report.bits_per_quantized_param, f"{report.other_params:,}", _name(compute_dtype(config.quant,
              model.device)), report.total_bytes / 2**20)
+    return report
 
 
 def _name(dtype: torch.dtype) -> str:
