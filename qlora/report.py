@@ -15,9 +15,7 @@ import html
 import io
 import json
 import math
-import os
 import statistics
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -26,7 +24,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from qlora.errors import QloraError
-from qlora.files import write_text_atomic
+from qlora.files import write_bytes_atomic, write_text_atomic
 from qlora.metrics import read_metrics
 
 WIDTH_PX, HEIGHT_PX, DPI = 1600, 1000, 125
@@ -108,7 +106,7 @@ def write_report(run_dir: Path) -> tuple[Path, Path]:
     page = render_html(run, png)
     png_path, html_path = run.folder / "report.png", run.folder / "report.html"
     try:
-        _write_bytes_atomic(png_path, png)
+        write_bytes_atomic(png_path, png)
         write_text_atomic(html_path, page)
     except OSError as e:
         raise QloraError(f"could not write the report into {run.folder} ({e.strerror or e}); free space or fix "
@@ -147,20 +145,6 @@ def read_run(folder: Path) -> RunRecord:
 
 def _read_json(path: Path):
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    """`qlora.files.write_text_atomic` for bytes: a fsynced temporary sibling renamed over `path`."""
-    fd, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------- the words shared by the figure and the page
