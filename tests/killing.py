@@ -87,7 +87,17 @@ def interrupted_run(args: list[str], run_dir: Path, plan: list[tuple[str, int]],
     return report
 
 
+WALL_CLOCK = ("tokens_per_s", "memory_gb", "seconds", "peak_memory_gb")
+"""Metrics and summary keys that measure the process (time, memory), which no two runs share."""
+
+
+def comparable_summary(run_dir: Path) -> dict:
+    """summary.json without the wall-clock keys."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {k: v for k, v in summary.items() if k not in WALL_CLOCK}
+
+
 def comparable_metrics(run_dir: Path) -> list[dict]:
     """metrics.jsonl without the wall-clock columns, which no two runs share."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in row.items() if k != "tokens_per_s"} for row in rows]
+    return [{k: v for k, v in row.items() if k not in WALL_CLOCK} for row in rows]
