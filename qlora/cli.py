@@ -166,13 +166,7 @@ def data_preview(args: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="config overrides, as for qlora train")
     options = parser.parse_intermixed_args(args)
     try:
-        from qlora.composition import compose_config, parse_overrides
-        from qlora.config import validate
-
-        parse_overrides(options.overrides)
-        config = compose_config(options.overrides)
-        validate(config)
-        _quiet_libraries()
+        config = _validated_config(options.overrides)
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
         from qlora import data, demo, hub
         from qlora.data.preview import preview
@@ -209,13 +203,8 @@ def plan(args: list[str]) -> int:
         import torch
 
         from qlora import plan as planning
-        from qlora.composition import compose_config, parse_overrides
-        from qlora.config import validate
 
-        parse_overrides(options.overrides)
-        config = compose_config(options.overrides)
-        validate(config)
-        _quiet_libraries()
+        config = _validated_config(options.overrides)
         device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
         print(planning.describe(planning.plan(config, device), config))
     except QloraError as e:
@@ -315,6 +304,18 @@ def _job(cfg) -> None:
 def _remove_if_empty(folder: Path) -> None:
     if folder.is_dir() and not any(folder.iterdir()):
         folder.rmdir()
+
+
+def _validated_config(overrides: list[str]):  # -> qlora.config.Config
+    """The training config the overrides compose to, checked, with the libraries' chatter turned down."""
+    from qlora.composition import compose_config, parse_overrides
+    from qlora.config import validate
+
+    parse_overrides(overrides)
+    config = compose_config(overrides)
+    validate(config)
+    _quiet_libraries()
+    return config
 
 
 def _quiet_libraries() -> None:

@@ -174,26 +174,14 @@ def ensure_scratch_model(path: Path, shape: ScratchModelConfig) -> None:
             )
         return
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if shape.tokenizer == ScratchTokenizer.bpe:
         tokenizer = build_bpe_tokenizer(shape.tokenizer_corpus, shape.tokenizer_vocab_size)
     else:
         tokenizer = build_demo_tokenizer()
-    config = AutoConfig.for_model(
-        shape.architecture.value,
-        vocab_size=shape.vocab_size or len(tokenizer),
-        hidden_size=shape.hidden_size,
-        intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_hidden_layers,
-        num_attention_heads=shape.num_attention_heads,
-        num_key_value_heads=shape.num_key_value_heads,
-        max_position_embeddings=shape.max_position_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
+    config = scratch_config(shape, shape.vocab_size or len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(shape.seed)
         model = AutoModelForCausalLM.from_config(config)
@@ -208,6 +196,24 @@ def ensure_scratch_model(path: Path, shape: ScratchModelConfig) -> None:
         shutil.rmtree(staging)
         if not path.exists():
             raise
+
+
+def scratch_config(shape: ScratchModelConfig, vocab_size: int, **special_tokens):  # -> PretrainedConfig
+    """The transformers config of the scratch model `shape` describes, with `vocab_size` embedding rows."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(
+        shape.architecture.value,
+        vocab_size=vocab_size,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads,
+        max_position_embeddings=shape.max_position_embeddings,
+        tie_word_embeddings=False,
+        **special_tokens,
+    )
 
 
 def _shape_dict(shape: ScratchModelConfig) -> dict:

@@ -168,13 +168,14 @@ def plan(config: Config, device: str = "cuda") -> Plan:
     quantized = quantized_linears(model) if config.quant.method != QuantMethod.none else {}
     upcast = config.quant.method != QuantMethod.none and config.train.prepare_kbit
     base = _base_bytes(model, quantized, config, upcast)
-    trainable = _trainable(model, config, upcast)
+    adapted = adapted_linears(model, config)
+    trainable = _trainable(model, adapted, config, upcast)
     optimizer = sum(optimizer_state_bytes(p.numel(), p.element_size(), config) for p in trainable)
     optimizer += _shared_state_bytes(config) if trainable else 0
     autocast = config.train.mixed_precision.value in ("bf16", "fp16") or (
         config.train.mixed_precision.value == "auto" and device == "cuda")
     tokens = config.train.micro_batch_size * config.train.seq_len
-    per_token = _activation_per_token(arch, model, config, dtype, autocast, upcast)
+    per_token = _activation_per_token(arch, len(adapted), config, dtype, autocast, upcast)
     largest = max((m.in_features * m.out_features for m in quantized.values()), default=0)
     dequantized = largest * torch.finfo(dtype).bits // 8
     capacity = _capacity(config, device)
@@ -234,17 +235,12 @@ def model_config(config: Config):  # -> transformers.PretrainedConfig
 
 
 def _scratch_config(shape):  # -> transformers.PretrainedConfig
-    from transformers import AutoConfig
-
-    from qlora.demo import build_demo_tokenizer
+    """The scratch model's config before it is built (the bpe vocabulary at its configured size)."""
+    from qlora.demo import build_demo_tokenizer, scratch_config
 
     vocab = shape.vocab_size or (len(build_demo_tokenizer()) if shape.tokenizer == ScratchTokenizer.demo
                                  else shape.tokenizer_vocab_size)
-    return AutoConfig.for_model(
-        shape.architecture.value, vocab_size=vocab, hidden_size=shape.hidden_size,
-        intermediate_size=shape.intermediate_size, num_hidden_layers=shape.num_hidden_layers,
-        num_attention_heads=shape.num_attention_heads, num_key_value_heads=shape.num_key_value_heads,
-        max_position_embeddings=shape.max_position_embeddings, tie_word_embeddings=False)
+    return scratch_config(shape, vocab)
 
 
 def quantized_linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -302,12 +298,12 @@ def _base_bytes(model: nn.Module, quantized: dict[str, nn.Linear], config: Confi
     return total + sum(_nbytes(b) for b in model.buffers())
 
 
-def _trainable(model: nn.Module, config: Config, upcast: bool) -> list[torch.Tensor]:
+def _trainable(model: nn.Module, adapted: list[nn.Linear], config: Config, upcast: bool) -> list[torch.Tensor]:
     """Meta tensors shaped and typed as the run's trainable parameters: LoRA A and B (float32, as peft keeps
     adapters over a quantized or half-precision base), DoRA magnitudes, and full copies of modules_to_save."""
     cfg = config.lora
     tensors = []
-    for module in adapted_linears(model, config):
+    for module in adapted:
         tensors.append(torch.empty(cfg.r, module.in_features, device="meta"))
         tensors.append(torch.empty(module.out_features, cfg.r, device="meta"))
         if cfg.dora:
@@ -342,7 +338,7 @@ class _PerToken:
         return self.activations + self.logits + self.workspace
 
 
-def _activation_per_token(arch, model: nn.Module, config: Config, dtype: torch.dtype, autocast: bool,
+def _activation_per_token(arch, adapted: int, config: Config, dtype: torch.dtype, autocast: bool,
                           upcast: bool) -> _PerToken:
     """Bytes per token of the micro batch: saved activations, logits, and transient gradients."""
     compute = torch.finfo(dtype).bits // 8
@@ -352,7 +348,7 @@ def _activation_per_token(arch, model: nn.Module, config: Config, dtype: torch.d
     head_dim = getattr(arch, "head_dim", None) or hidden // heads
     kv = (getattr(arch, "num_key_value_heads", None) or heads) * head_dim
     intermediate = getattr(arch, "intermediate_size", None) or 4 * hidden
-    adapted_per_layer = len(adapted_linears(model, config)) / layers
+    adapted_per_layer = adapted / layers
     share = adapted_per_layer / 7  # the coefficients were measured with all seven linear layers adapted
     layer = (coeff.hidden * hidden + coeff.intermediate * intermediate + coeff.kv * kv
              + coeff.rank * config.lora.r * adapted_per_layer + coeff.heads * heads + coeff.scalar)

@@ -330,7 +330,7 @@ def _write_report(out: Path) -> None:
     from qlora.report import write_report
 
     try:
-        html, png = write_report(out)[::-1]
+        png, html = write_report(out)
         log.info("report: %s (and %s)", html, png.name)
     except (QloraError, OSError, ValueError) as e:
         log.warning("the run finished, but its report could not be written (%s); "
