@@ -48,6 +48,8 @@ HARMLESS_KEYS = frozenset({
     "train.num_workers", "train.sample_prompts", "train.max_new_tokens", "train.progress", "train.loggers",
     "train.project", "train.report", "train.check_memory", "train.memory_limit_gb", "train.save_every_steps",
     "train.keep_checkpoints", "train.on_nonfinite_loss",
+    # How processes share the work does not change what a step computes (the process count is checked apart).
+    "dist.strategy", "dist.cpu_offload", "dist.timeout_minutes",
 })
 
 
@@ -73,11 +75,15 @@ def is_finished(run_dir: Path) -> bool:
 # ----------------------------------------------------------------------------------------------- writing
 
 
+def folder(run_dir: Path, step: int) -> Path:
+    """Where checkpoint `step` of the run in `run_dir` lives."""
+    return Path(run_dir) / FOLDER / f"step-{step:06d}"
+
+
 def save(run_dir: Path, step: int, write: Callable[[Path], None], keep: int) -> Path:
     """Write checkpoint `step` with `write(folder)`, atomically; then keep only the newest `keep` (0: all)."""
-    root = Path(run_dir) / FOLDER
-    root.mkdir(exist_ok=True)
-    target = root / f"step-{step:06d}"
+    target = folder(run_dir, step)
+    target.parent.mkdir(exist_ok=True)
     try:
         write_folder_atomic(target, write)
     except OSError as e:

@@ -99,6 +99,12 @@ class MixedPrecision(str, Enum):
     fp16 = "fp16"
 
 
+class DistStrategy(str, Enum):
+    none = "none"
+    ddp = "ddp"
+    fsdp = "fsdp"
+
+
 @dataclass
 class ScratchModelConfig:
     """A randomly initialised model (Llama architecture by default), saved as an ordinary HF model folder at `path` the
@@ -356,6 +362,20 @@ class TrainConfig:
 
 
 @dataclass
+class DistConfig:
+    """How the processes of a multi-process launch (torchrun, accelerate launch) share the work."""
+
+    strategy: DistStrategy = DistStrategy.none
+    """none: one process. ddp: every process holds the whole quantized model and trains on its own shard of the
+    data; LoRA gradients are all-reduced. fsdp: the quantized base and the adapter are sharded across the
+    processes (FSDP2), so a model too big for one GPU trains on several (CUDA GPUs only)."""
+    cpu_offload: bool = False
+    """fsdp: keep the sharded parameters, gradients and optimizer state in CPU memory between uses."""
+    timeout_minutes: int = 30
+    """How long a process waits for the others at a collective before the run fails."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
@@ -363,6 +383,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     output_dir: str = "???"
     """Run folder: config.yaml, adapter/, tokenizer/, metrics.jsonl, train.log. Default runs/RECIPE/TIMESTAMP."""
     seed: int = 42
@@ -551,6 +572,26 @@ def data_problems(data: DataConfig, generated: bool = False) -> list[str]:
     return problems
 
 
+def dist_problems(cfg: Config) -> list[str]:
+    """Combinations the chosen distribution strategy cannot run."""
+    dist = cfg.dist
+    problems = []
+    if dist.timeout_minutes <= 0:
+        problems.append(f"dist.timeout_minutes must be > 0 (got {dist.timeout_minutes})")
+    if dist.strategy != DistStrategy.fsdp:
+        if dist.cpu_offload:
+            problems.append(f"dist.cpu_offload applies to dist=fsdp only (dist.strategy={dist.strategy.value}); "
+                            "drop it or use dist=fsdp")
+        return problems
+    if cfg.quant.method == QuantMethod.int8:
+        problems.append("dist=fsdp shards 4-bit weights only (bitsandbytes' int8 weights cannot be flattened and "
+                        "sharded); use a 4-bit quant (quant=nf4-dq) or dist=ddp")
+    if cfg.optim.name != OptimizerName.adamw:
+        problems.append(f"dist=fsdp with optim={cfg.optim.name.value}: bitsandbytes optimizers cannot step FSDP's "
+                        "sharded (DTensor) parameters; use optim=adamw (the adapter's state is small) or dist=ddp")
+    return problems
+
+
 def validate(cfg: Config) -> None:
     """Check what no single field can; raise one ConfigError listing every problem found."""
     problems: list[str] = []
@@ -612,6 +653,7 @@ def validate(cfg: Config) -> None:
     if cfg.resume is not None and cfg.overwrite:
         problems.append("resume and overwrite=true contradict each other: resume continues the run in output_dir, "
                         "overwrite replaces it; give one")
+    problems += dist_problems(cfg)
     scratch_positions = scratch.max_position_embeddings if builds_scratch_model(cfg.model) else None
     if scratch_positions is not None and cfg.train.seq_len > scratch_positions:
         problems.append(f"train.seq_len={cfg.train.seq_len} is longer than the model's "

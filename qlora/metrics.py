@@ -60,6 +60,16 @@ class Backend(Protocol):
         """Flush and end the run."""
 
 
+class NoMetrics:
+    """What processes other than the main one log to: nothing (the main process logs the run's numbers)."""
+
+    def write(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class MetricsLog:
     """Appends rows to `run_dir/metrics.jsonl` (flushed per row) and sends their numbers to each logger.
 

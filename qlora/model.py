@@ -43,8 +43,10 @@ def autocast_dtype(choice: MixedPrecision) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision(choice))
 
 
-def bnb_config(quant: QuantConfig, dtype: torch.dtype):  # -> transformers.BitsAndBytesConfig | None
-    """transformers' BitsAndBytesConfig for the quant mode, or None for an unquantized base."""
+def bnb_config(quant: QuantConfig, dtype: torch.dtype,
+               storage: torch.dtype | None = None):  # -> transformers.BitsAndBytesConfig | None
+    """transformers' BitsAndBytesConfig for the quant mode, or None for an unquantized base. `storage` is the
+    dtype 4-bit weights are packed into (bitsandbytes' default, uint8, when None)."""
     from transformers import BitsAndBytesConfig
 
     if quant.method == QuantMethod.none:
@@ -56,6 +58,7 @@ def bnb_config(quant: QuantConfig, dtype: torch.dtype):  # -> transformers.BitsA
         bnb_4bit_quant_type=quant.method.value,
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=storage or torch.uint8,
     )
 
 
@@ -93,8 +96,10 @@ def load_tokenizer(cfg: ModelConfig):  # -> transformers.PreTrainedTokenizerBase
     return tokenizer
 
 
-def load_base_model(cfg: ModelConfig, quant: QuantConfig, device: torch.device) -> nn.Module:
-    """Load the base model on `device`, quantized per `quant`, with every parameter frozen."""
+def load_base_model(cfg: ModelConfig, quant: QuantConfig, device: torch.device,
+                    storage: torch.dtype | None = None) -> nn.Module:
+    """Load the base model on `device`, quantized per `quant` (4-bit weights packed into `storage`, see
+    bnb_config), with every parameter frozen."""
     from transformers import AutoModelForCausalLM
 
     dtype = compute_dtype(quant, device)
@@ -105,7 +110,7 @@ def load_base_model(cfg: ModelConfig, quant: QuantConfig, device: torch.device) 
             cfg.name_or_path,
             revision=cfg.revision,
             trust_remote_code=cfg.trust_remote_code,
-            quantization_config=bnb_config(quant, dtype),
+            quantization_config=bnb_config(quant, dtype, storage),
             dtype=dtype,
             device_map={"": device},
             attn_implementation=cfg.attn_implementation,

@@ -16,20 +16,21 @@ import signal
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 
-from qlora import checkpoint, demo, hub, runfolder
+from qlora import checkpoint, demo, distributed, hub, runfolder
 from qlora import data as qdata
-from qlora.config import Config, OnNonFinite, validate
+from qlora.config import Config, DistStrategy, OnNonFinite, validate
 from qlora.errors import ConfigError, QloraError
-from qlora.evaluation import perplexity, score, token_loss_sum
+from qlora.evaluation import perplexity, score, scored_tokens, token_loss_sum
 from qlora.files import write_folder_atomic, write_text_atomic
 from qlora.lora import attach_lora
-from qlora.metrics import MetricsLog, logger_problems
+from qlora.metrics import MetricsLog, NoMetrics, logger_problems
 from qlora.model import (
     QuantReport,
     check_model_config,
@@ -63,6 +64,8 @@ class TrainState:
     final_eval_loss: float | None = None
     skipped_steps: int = 0
     """Updates skipped for a non-finite loss (train.on_nonfinite_loss=skip)."""
+    processes: int = 1
+    """Processes that trained (each draws its own share of the batches, so `batch` counts per process)."""
 
 
 @dataclass
@@ -100,7 +103,7 @@ class Training:
     sampler: qdata.LengthGroupedBatches
     """The train loader's batch sampler, which the data position is set on."""
     eval_loader: torch.utils.data.DataLoader | None
-    metrics: MetricsLog
+    metrics: MetricsLog | NoMetrics
     samples_before: list[str]
     """Answers to train.sample_prompts before training (kept in checkpoints for the final samples.json)."""
 
@@ -124,51 +127,62 @@ def run(config: Config, recipe: str | None = None) -> RunResult:
     validate(config)
     if problems := logger_problems(config.train.loggers):
         raise ConfigError(problems)
+    accelerator = distributed.make_accelerator(config.dist, mixed_precision(config.train.mixed_precision))
+    config = distributed.same_output_dir(config, accelerator)
     runfolder.check_output_dir(config)
     with runfolder.RunLog() as runlog:
         try:
             resumed = checkpoint.find(config)
             state = _state_to_resume(resumed, config)
-            return _run(config, resumed, state, runlog, recipe)
+            return _run(config, accelerator, resumed, state, runlog, recipe)
         except QloraError as e:
             runlog.error(str(e))
             raise
 
 
-def _run(config: Config, resumed: checkpoint.Checkpoint | None, state: TrainState,
+def _run(config: Config, accelerator: Accelerator, resumed: checkpoint.Checkpoint | None, state: TrainState,
          runlog: runfolder.RunLog, recipe: str | None) -> RunResult:
     from accelerate.utils import set_seed
 
     started = time.perf_counter()
     out = Path(config.output_dir)
-    accelerator = Accelerator(mixed_precision=mixed_precision(config.train.mixed_precision))
     device = accelerator.device
+    _check_processes(state, accelerator.num_processes, config.force_resume)
+    state.processes = accelerator.num_processes
     set_seed(config.seed)
-    log.info("qlora run -> %s (device %s, compute dtype %s, mixed precision %s)%s", out, device,
+    log.info("qlora run -> %s (device %s, compute dtype %s, mixed precision %s; %s)%s", out, device,
              _name(compute_dtype(config.quant, device)), accelerator.mixed_precision,
+             distributed.describe(accelerator, config.dist),
              f"; resuming from {resumed.path} at step {resumed.step}" if resumed else "")
 
-    # Tokenizer (and whatever the demo generates); hub ids fail fast when there is no network
-    hub.prepare(hub.hub_ids(config))
-    demo.prepare_assets(config)
+    # Tokenizer (and whatever the demo generates); hub ids fail fast when there is no network. The main process
+    # goes first where files are written (generated assets, the token cache); the others then read them.
+    with accelerator.main_process_first():
+        hub.prepare(hub.hub_ids(config))
+        demo.prepare_assets(config)
     check_model_config(config.model, config.train.seq_len)
     memory_plan = check_fits(config, device.type)
     tokenizer = load_tokenizer(config.model)
 
     # Data: tokenized (or read from the cache) and checked before any weights load
     qdata.use_chat_template(config.data, tokenizer)
-    data = qdata.load(config.data, tokenizer, config.train.seq_len, config.seed, Path(config.cache_dir).expanduser())
+    with accelerator.main_process_first():
+        data = qdata.load(config.data, tokenizer, config.train.seq_len, config.seed,
+                          Path(config.cache_dir).expanduser())
     log.info("data %s (%s): %s; %d train / %d eval sequences%s", config.data.path, config.data.format.value,
              data.stats.describe(config.train.seq_len), len(data.train), len(data.eval),
              ", packed" if config.data.packing else "")
     train_loader, eval_loader = qdata.loaders(data, config.data, config.train.micro_batch_size,
                                               config.train.seq_len, tokenizer.pad_token_id, config.seed,
-                                              config.train.num_workers)
+                                              config.train.num_workers, accelerator.process_index,
+                                              accelerator.num_processes)
     sampler = train_loader.batch_sampler
 
     # Base model, quantized and frozen
     t0 = time.perf_counter()
-    model = load_base_model(config.model, config.quant, device)
+    sharded = config.dist.strategy == DistStrategy.fsdp and accelerator.num_processes > 1
+    model = load_base_model(config.model, config.quant, device,
+                            distributed.storage_dtype(config.dist, compute_dtype(config.quant, device)))
     base = _log_base(model, config, time.perf_counter() - t0)
     if config.quant.method.value != "none" and config.train.prepare_kbit:
         from peft import prepare_model_for_kbit_training
@@ -186,32 +200,44 @@ def _run(config: Config, resumed: checkpoint.Checkpoint | None, state: TrainStat
                   "trainable": trainable_count}
     if config.data.packing:
         check_packed_attention(model, qdata.first_batch(train_loader), device)
+    if resumed is not None:
+        _restore_adapter(resumed, model)
+    if sharded:
+        model = distributed.shard(model, config.dist)
 
-    # Optimizer and schedule
+    # Optimizer and schedule (after sharding, which replaces the parameters)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(trainable, config.optim, device)
     scheduler = build_scheduler(optimizer, config.optim, config.train.max_steps)
-    log.info("optimizer %s (lr %g, %s schedule, %d warmup steps, clip %g); batch %d x %d accumulation = %d sequences",
-             type(optimizer).__name__, config.optim.lr, config.optim.schedule.value, config.optim.warmup_steps,
-             config.optim.max_grad_norm, config.train.micro_batch_size, config.train.grad_accum_steps,
-             config.train.micro_batch_size * config.train.grad_accum_steps * accelerator.num_processes)
+    processes = accelerator.num_processes
+    log.info("optimizer %s (lr %g, %s schedule, %d warmup steps, clip %g); batch %d x %d accumulation%s = %d "
+             "sequences", type(optimizer).__name__, config.optim.lr, config.optim.schedule.value,
+             config.optim.warmup_steps, config.optim.max_grad_norm, config.train.micro_batch_size,
+             config.train.grad_accum_steps, f" x {processes} processes" if processes > 1 else "",
+             config.train.micro_batch_size * config.train.grad_accum_steps * processes)
 
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    if eval_loader is not None:
-        eval_loader = accelerator.prepare(eval_loader)
+    # The loaders stay as they are: each process's sampler already draws its own share, and _step moves batches.
+    if sharded:
+        optimizer = accelerator.prepare(optimizer)  # FSDP is applied above; accelerate would wrap the model in DDP
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
     if resumed is not None:
-        _restore(resumed, accelerator, model, optimizer, scheduler)
+        _restore_training(resumed, accelerator, model, optimizer, scheduler)
 
     prompts = [qdata.prompt_ids(p, config.data, tokenizer) for p in config.train.sample_prompts]
     before = resumed.state.get("samples_before", []) if resumed else []
     if len(before) != len(prompts):  # a fresh run, or the sample prompts changed since the checkpoint
-        before = generate(model, tokenizer, prompts, config.train.max_new_tokens, device)
+        before = generate(accelerator.unwrap_model(model), tokenizer, prompts, config.train.max_new_tokens, device)
 
     # Everything checked: from here on, output_dir holds this run
+    accelerator.wait_for_everyone()  # every process has read output_dir (its checkpoints) before it changes
     _commit(config, tokenizer, runlog, accelerator, recipe)
-    metrics = MetricsLog(out, config.train.loggers, config.train.project, out.resolve().name, asdict(config),
-                         start=state.step,
-                         history=None if resumed is None else checkpoint.run_dir_of(resumed.path) / "metrics.jsonl")
+    if accelerator.is_main_process:
+        metrics = MetricsLog(out, config.train.loggers, config.train.project, out.resolve().name, asdict(config),
+                             start=state.step, history=None if resumed is None
+                             else checkpoint.run_dir_of(resumed.path) / "metrics.jsonl")
+    else:
+        metrics = NoMetrics()
     training = Training(config, out, accelerator, model, optimizer, scheduler, train_loader, sampler, eval_loader,
                         metrics, before)
     try:
@@ -221,16 +247,21 @@ def _run(config: Config, resumed: checkpoint.Checkpoint | None, state: TrainStat
     finally:
         metrics.close()
 
-    after = generate(model, tokenizer, prompts, config.train.max_new_tokens, device)
+    after = generate(accelerator.unwrap_model(model), tokenizer, prompts, config.train.max_new_tokens, device)
     samples = [{"prompt": p, "before": b, "after": a}
                for p, b, a in zip(config.train.sample_prompts, before, after, strict=True)]
+    adapter = distributed.adapter_state(accelerator.unwrap_model(model))
     if accelerator.is_main_process:
         summary = {"parameters": parameters, "base_bytes": base.total_bytes if base else None,
                    "peak_memory_gb": peak_memory_gb(device), "seconds": time.perf_counter() - started,
-                   "planned_memory_gb": memory_plan.total_bytes / 2**30 if memory_plan else None}
-        _save_results(out, accelerator.unwrap_model(model), samples, state, summary)
+                   "planned_memory_gb": memory_plan.total_bytes / 2**30 if memory_plan else None,
+                   "processes": accelerator.num_processes,
+                   "global_batch": config.train.micro_batch_size * config.train.grad_accum_steps
+                   * accelerator.num_processes}
+        _save_results(out, accelerator.unwrap_model(model), adapter, samples, state, summary)
         if config.train.report:
             _write_report(out)
+    accelerator.wait_for_everyone()
     for s in samples:
         log.info("sample: %s\n  before: %s\n  after:  %s", s["prompt"], s["before"] or "(nothing)", s["after"])
     if state.first_eval_loss is not None and state.final_eval_loss is not None:
@@ -263,19 +294,45 @@ def _state_to_resume(resumed: checkpoint.Checkpoint | None, config: Config) -> T
     return TrainState(**{k: v for k, v in resumed.state.items() if k in fields})
 
 
-def _restore(resumed: checkpoint.Checkpoint, accelerator: Accelerator, model, optimizer, scheduler) -> None:
-    """Put the checkpoint's adapter weights, optimizer, schedule and gradient scaler state into the fresh run."""
+def _check_processes(state: TrainState, processes: int, force: bool) -> None:
+    """A resumed run continues with as many processes as it had: the data position counts batches per process."""
+    if state.step == 0 or state.processes == processes:
+        return
+    if not force:
+        raise QloraError(f"the checkpoint was trained by {state.processes} process(es) and this run has {processes}; "
+                         f"launch {state.processes}, or pass force_resume=true to continue near the same data position")
+    log.warning("force_resume=true: %d processes continue a run trained by %d; the data position is rounded",
+                processes, state.processes)
+    state.batch = state.batch * state.processes // processes
+
+
+def _restore_adapter(resumed: checkpoint.Checkpoint, model) -> None:
+    """Put the checkpoint's adapter weights into the fresh (not yet sharded) model."""
     from peft import set_peft_model_state_dict
 
-    try:
-        loaded = set_peft_model_state_dict(accelerator.unwrap_model(model), resumed.adapter)
+    with _not_fitting(resumed):
+        loaded = set_peft_model_state_dict(model, resumed.adapter)
         missing = [k for k in loaded.missing_keys if "lora_" in k or "modules_to_save" in k]
         if loaded.unexpected_keys or missing:
             raise ValueError(f"{len(loaded.unexpected_keys)} unexpected and {len(missing)} missing adapter tensors")
-        load_optimizer_state(optimizer, resumed.optimizer)
+
+
+def _restore_training(resumed: checkpoint.Checkpoint, accelerator: Accelerator, model, optimizer, scheduler) -> None:
+    """Put the checkpoint's optimizer, schedule and gradient scaler state into the fresh run."""
+    with _not_fitting(resumed):
+        if distributed.is_sharded(model):
+            distributed.load_optimizer_state(model, optimizer.optimizer, resumed.optimizer)
+        else:
+            load_optimizer_state(optimizer, resumed.optimizer)
         scheduler.load_state_dict(resumed.scheduler)
         if resumed.scaler is not None and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(resumed.scaler)
+
+
+@contextmanager
+def _not_fitting(resumed: checkpoint.Checkpoint):
+    try:
+        yield
     except (ValueError, RuntimeError, KeyError) as e:
         raise QloraError(f"checkpoint {resumed.path} does not fit this model ({str(e).splitlines()[0]}); resume "
                          "with the config that wrote it") from e
@@ -296,26 +353,38 @@ def _commit(config: Config, tokenizer, runlog: runfolder.RunLog, accelerator, re
 
 
 def save_checkpoint(training: Training, state: TrainState) -> Path:
-    """Checkpoint the run at `state` (atomically); returns its folder."""
+    """Checkpoint the run at `state` (atomically; the main process writes, every process must call this);
+    returns its folder."""
+    accelerator = training.accelerator
+    model = accelerator.unwrap_model(training.model)
+    # Gathered whole when sharded: collectives, so every process takes part before the main one writes.
+    adapter = distributed.adapter_state(model)
+    optimizer = distributed.optimizer_state(model, training.optimizer.optimizer)
+
     def write(folder: Path) -> None:
-        training.accelerator.unwrap_model(training.model).save_pretrained(str(folder / "adapter"))
-        torch.save(training.optimizer.state_dict(), folder / "optimizer.pt")
+        model.save_pretrained(str(folder / "adapter"), state_dict=adapter)
+        torch.save(optimizer, folder / "optimizer.pt")
         torch.save(training.scheduler.state_dict(), folder / "scheduler.pt")
         torch.save(checkpoint.rng_state(), folder / "rng.pt")
-        if training.accelerator.scaler is not None:
-            torch.save(training.accelerator.scaler.state_dict(), folder / "scaler.pt")
+        if accelerator.scaler is not None:
+            torch.save(accelerator.scaler.state_dict(), folder / "scaler.pt")
         (folder / "state.json").write_text(json.dumps(
             {**asdict(state), "samples_before": training.samples_before}, indent=2) + "\n")
         (folder / "config.yaml").write_text(runfolder.config_yaml(training.config))
 
-    path = checkpoint.save(training.out, state.step, write, training.config.train.keep_checkpoints)
-    log.info("step %d: checkpoint %s", state.step, path)
+    path = checkpoint.folder(training.out, state.step)
+    if accelerator.is_main_process:
+        checkpoint.save(training.out, state.step, write, training.config.train.keep_checkpoints)
+        log.info("step %d: checkpoint %s", state.step, path)
+    accelerator.wait_for_everyone()  # no process reads checkpoints or stops before this one is complete
     return path
 
 
-def _save_results(out: Path, model, samples: list[dict], state: TrainState, summary: dict) -> None:
+def _save_results(out: Path, model, adapter: dict | None, samples: list[dict], state: TrainState,
+                  summary: dict) -> None:
+    """The run's adapter (`adapter` holds its tensors when they were gathered from shards), samples, summary."""
     try:
-        write_folder_atomic(out / "adapter", lambda folder: model.save_pretrained(str(folder)))
+        write_folder_atomic(out / "adapter", lambda folder: model.save_pretrained(str(folder), state_dict=adapter))
         if samples:
             write_text_atomic(out / "samples.json", json.dumps(samples, indent=2) + "\n")
         write_text_atomic(out / "summary.json", json.dumps({**asdict(state), **summary}, indent=2) + "\n")
@@ -363,9 +432,10 @@ def train_loop(training: Training, state: TrainState) -> None:
     window_start, window_tokens = time.perf_counter(), 0
     nonfinite_in_a_row = 0
     saved_at = state.step if state.step > 0 else None  # a resumed run starts on a checkpoint
+    stop = False
     model.train()
     with _StopSignals() as signals:
-        while state.step < cfg.max_steps and signals.received is None:
+        while state.step < cfg.max_steps and not stop:
             try:
                 loss, n_trained, n_seen, grad_norm = _step(training, batches, trainable)
             except torch.OutOfMemoryError as e:
@@ -403,13 +473,16 @@ def train_loop(training: Training, state: TrainState) -> None:
                 saved_at = state.step
                 window_start = time.perf_counter()
             progress.update(1)
+            # Every process stops after the same step, whichever of them the signal reached.
+            stop = distributed.agree(accelerator, signals.received is not None)
         progress.close()
-        if signals.received is not None and state.step < cfg.max_steps:
-            path = checkpoint.complete_checkpoints(training.out)[-1] if saved_at == state.step \
+        if stop and state.step < cfg.max_steps:
+            signum = signals.received or signal.SIGTERM
+            path = checkpoint.folder(training.out, state.step) if saved_at == state.step \
                 else save_checkpoint(training, state)
-            raise Interrupted(f"stopped by {signal.Signals(signals.received).name} after step {state.step}; "
+            raise Interrupted(f"stopped by {signal.Signals(signum).name} after step {state.step}; "
                               f"checkpoint {path} saved. To continue, run the same command with "
-                              f"output_dir={training.out} resume=auto", signals.received)
+                              f"output_dir={training.out} resume=auto", signum)
 
 
 def _train_row(training: Training, state: TrainState, loss: float, grad_norm: float | None,
@@ -429,19 +502,32 @@ def _step(training: Training, batches, trainable) -> tuple[float, int, int, floa
     # Fetch the step's micro batches first, so each one's loss is weighted by its share of the step's trained
     # tokens (a plain mean of micro-batch means over-weights short sequences).
     micro = [next(batches) for _ in range(config.train.grad_accum_steps)]
-    n_trained = sum(int((b["labels"][:, 1:] != qdata.IGNORE_INDEX).sum()) for b in micro)
-    n_seen = sum(int(b["attention_mask"].sum()) for b in micro)
+    # Counted on the host, before the batches move to the device: no device sync. Then summed over processes.
+    n_trained, n_seen = _sum_over_processes(accelerator, [sum(scored_tokens(b["labels"]) for b in micro),
+                                                          sum(int(b["attention_mask"].sum()) for b in micro)])
+    # DDP and FSDP average gradients over the processes; scaling by their number makes the step's gradient the
+    # single-process one: every process's summed token loss over all the step's trained tokens.
+    scale = accelerator.num_processes / max(n_trained, 1)
     loss_sum = torch.zeros((), device=accelerator.device)
     for i, batch in enumerate(micro):
+        batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
         with _maybe_no_sync(accelerator, model, sync=i == len(micro) - 1), accelerator.autocast():
             logits = model(**qdata.model_inputs(batch)).logits
             loss = token_loss_sum(logits, batch["labels"])
-            accelerator.backward(loss / max(n_trained, 1))
+            accelerator.backward(loss * scale)
         loss_sum += loss.detach()
+    if accelerator.num_processes > 1:
+        loss_sum = accelerator.reduce(loss_sum, "sum")
     grad_norm = None
     if config.optim.max_grad_norm > 0:
-        grad_norm = float(accelerator.clip_grad_norm_(trainable, config.optim.max_grad_norm))
+        grad_norm = float(distributed.full(accelerator.clip_grad_norm_(trainable, config.optim.max_grad_norm)))
     return loss_sum.item() / max(n_trained, 1), n_trained, n_seen, grad_norm
+
+
+def _sum_over_processes(accelerator: Accelerator, counts: list[int]) -> list[int]:
+    if accelerator.num_processes == 1:
+        return counts
+    return accelerator.reduce(torch.tensor(counts, device=accelerator.device), "sum").tolist()
 
 
 def _handle_nonfinite(training: Training, state: TrainState, loss: float, grad_norm: float | None,
@@ -474,8 +560,11 @@ def _oom_message(config: Config, step: int) -> str:
 
 def _evaluate(training: Training) -> float:
     """Mean loss per trained token over (at most train.eval_max_batches of) the eval split."""
+    # Every process scores the whole (bounded) eval split with the same weights: the same loss everywhere, and
+    # under FSDP the forwards every process must take part in.
     with training.accelerator.autocast():
-        return score(training.model, training.eval_loader, training.config.train.eval_max_batches).mean_loss
+        return score(training.accelerator.unwrap_model(training.model), training.eval_loader,
+                     training.config.train.eval_max_batches).mean_loss
 
 
 @torch.no_grad()

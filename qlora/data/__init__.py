@@ -84,11 +84,13 @@ def _report(path: str, stats: DataStats) -> None:
 
 
 def loaders(data: TokenizedData, cfg: DataConfig, micro_batch_size: int, seq_len: int, pad_id: int, seed: int,
-            num_workers: int) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader | None]:
-    """The train loader (packed or length-grouped, reshuffled every epoch) and the eval loader (unpacked)."""
+            num_workers: int, rank: int = 0,
+            world: int = 1) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader | None]:
+    """The train loader (packed or length-grouped, reshuffled every epoch; process `rank` of `world` gets its
+    share of the batches) and the eval loader (unpacked, whole on every process)."""
     rows = pack(data.train, seq_len) if cfg.packing else unpacked(data.train)
     sampler = LengthGroupedBatches([sum(len(e) for e in row) for row in rows], micro_batch_size, seed,
-                                   group=cfg.group_by_length or cfg.packing)
+                                   group=cfg.group_by_length or cfg.packing, rank=rank, world=world)
     # Each loader draws its workers' base seed from its own generator: from the global one, every new epoch
     # (and a resume) would shift the dropout masks that follow.
     train = torch.utils.data.DataLoader(rows, batch_sampler=sampler, collate_fn=Collator(pad_id, cfg.packing),

@@ -65,11 +65,14 @@ class LengthGroupedBatches:
 
     WINDOW = 64
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, group: bool) -> None:
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, group: bool, rank: int = 0,
+                 world: int = 1) -> None:
         self.lengths = np.asarray(lengths)
         self.batch_size = batch_size
         self.seed = seed
         self.group = group
+        self.rank, self.world = rank, world
+        """This process's share of each epoch: batches rank, rank + world, ... (the same count for every rank)."""
         self.epoch = 0
         """The epoch the next iteration draws (each iteration advances it)."""
         self.skip = 0
@@ -98,10 +101,22 @@ class LengthGroupedBatches:
     def __iter__(self):
         epoch, skip = self.epoch, self.skip
         self.epoch, self.skip = epoch + 1, 0
-        yield from self.batches(epoch)[skip:]
+        yield from self.shard(self.batches(epoch))[skip:]
+
+    def shard(self, batches: list[list[int]]) -> list[list[int]]:
+        """This process's batches of an epoch. With several processes, each step's batches are consecutive
+        ones of the single-process order (rank r draws r, r + world, ...), and the epoch's last few are left
+        out so that every process draws as many: a process that ran out first would hang the others."""
+        if self.world == 1:
+            return batches
+        per_rank = len(batches) // self.world
+        if per_rank == 0:
+            raise QloraError(f"{len(batches)} batch(es) per epoch cannot be shared by {self.world} processes; "
+                             "use more data, a smaller train.micro_batch_size, or fewer processes")
+        return batches[self.rank:per_rank * self.world:self.world]
 
     def __len__(self) -> int:
-        return max(1, len(self.lengths) // self.batch_size)
+        return max(1, len(self.lengths) // self.batch_size) // self.world
 
 
 def eval_batches(lengths: list[int], batch_size: int) -> list[list[int]]:

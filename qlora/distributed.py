@@ -1,0 +1,156 @@
+"""Several processes, one run: accelerate set up for dist=none|ddp|fsdp, FSDP2 sharding of the 4-bit model, and
+the few collectives the training loop needs.
+
+Launchers (torchrun, accelerate launch, srun) start one process per device and set RANK / WORLD_SIZE; accelerate
+reads them, starts the process group (NCCL on GPUs, gloo on CPUs) and places each process on its device.
+
+- ddp: accelerate wraps the model in DistributedDataParallel; LoRA gradients are all-reduced in backward.
+- fsdp: every decoder layer and then the whole model go through torch's `fully_shard` (FSDP2), here rather than in
+  accelerate, whose FSDP runs on GPUs only: one code path that the CPU tests run too. bitsandbytes stores the
+  packed 4-bit weights in the compute dtype (`bnb_4bit_quant_storage`), so they are sharded like any other
+  tensor; the quantization constants stay with each layer and apply once the weight is gathered for its forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from datetime import timedelta
+
+import torch
+from accelerate import Accelerator
+
+from qlora.config import Config, DistConfig, DistStrategy
+from qlora.errors import QloraError
+
+log = logging.getLogger(__name__)
+
+
+def launched_processes() -> int:
+    """How many processes the launcher started for this run (1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def make_accelerator(dist: DistConfig, mixed_precision: str) -> Accelerator:
+    """The run's Accelerator: the process group for a multi-process launch, this process's device."""
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    world = launched_processes()
+    if world > 1 and dist.strategy == DistStrategy.none:
+        raise QloraError(f"launched as {world} processes with dist=none, so each would train the whole run alone; "
+                         "add dist=ddp (or dist=fsdp)")
+    handlers = [InitProcessGroupKwargs(timeout=timedelta(minutes=dist.timeout_minutes))]
+    if dist.strategy == DistStrategy.ddp:
+        # Every trainable parameter gets a gradient, so none needs searching for after each backward.
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=False))
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=handlers)
+    if world > 1 and accelerator.num_processes != world:
+        raise QloraError(f"the launcher started {world} processes but accelerate joined {accelerator.num_processes}; "
+                         "launch with torchrun or accelerate launch (docs/distributed.md)")
+    if not accelerator.is_main_process:
+        logging.getLogger("qlora").setLevel(logging.WARNING)  # one process tells the story
+    return accelerator
+
+
+def same_output_dir(config: Config, accelerator: Accelerator) -> Config:
+    """The config with the main process's output_dir: each process composed its own, and the default one holds a
+    timestamp that can tick between them."""
+    if accelerator.num_processes == 1:
+        return config
+    from accelerate.utils import broadcast_object_list
+
+    main = broadcast_object_list([config.output_dir], from_process=0)[0]
+    return config if main == config.output_dir else dataclasses.replace(config, output_dir=main)
+
+
+def storage_dtype(dist: DistConfig, compute: torch.dtype) -> torch.dtype | None:
+    """The dtype bitsandbytes packs 4-bit weights into: the compute dtype for FSDP (which shards floating-point
+    tensors only), bitsandbytes' default (uint8) otherwise."""
+    return compute if dist.strategy == DistStrategy.fsdp else None
+
+
+def shard(model: torch.nn.Module, dist: DistConfig) -> torch.nn.Module:
+    """Shard the (peft-wrapped) model across the processes with FSDP2: each decoder layer is one unit, gathered
+    for its forward and backward and freed after; the rest (embeddings, head, final norm) is the root unit.
+
+    Build the optimizer afterwards: sharding replaces the parameters.
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    offload = CPUOffloadPolicy() if dist.cpu_offload else OffloadPolicy()
+    layers = decoder_layers(model)
+    for layer in layers:
+        fully_shard(layer, offload_policy=offload)
+    fully_shard(model, offload_policy=offload)
+    log.info("fsdp: %d decoder layers and the root sharded across %d processes%s", len(layers),
+             torch.distributed.get_world_size(), ", parameters offloaded to CPU" if dist.cpu_offload else "")
+    return model
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's repeated blocks: the classes transformers itself never splits across devices."""
+    names = set(getattr(_causal_lm(model), "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise QloraError(f"dist=fsdp: {type(_causal_lm(model)).__name__} names no decoder layer class "
+                         "(_no_split_modules), so it cannot be sharded layer by layer; use dist=ddp")
+    return layers
+
+
+def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded one (a collective: every process must call it); others as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The trainable tensors by name, gathered whole on the CPU (every process must call this under FSDP);
+    None when the model is not sharded (save_pretrained reads the parameters itself)."""
+    if not is_sharded(model):
+        return None
+    return {name: full(p.detach()).cpu() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state dict, gathered whole under FSDP (every process must call this)."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a whole optimizer state dict (as `optimizer_state` gathered it) into the sharded optimizer."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
+
+
+def agree(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every process if it is true on any (one tiny all-reduce; no communication for one process)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "max").item())
+
+
+def describe(accelerator: Accelerator, dist: DistConfig) -> str:
+    """One line on how the run is spread: strategy, processes, backend."""
+    if accelerator.num_processes == 1:
+        return "one process" + (f" (dist={dist.strategy.value} has nothing to spread)"
+                                if dist.strategy != DistStrategy.none else "")
+    return (f"dist={dist.strategy.value}: {accelerator.num_processes} processes "
+            f"({torch.distributed.get_backend()} backend)")
