@@ -49,8 +49,6 @@ def make_accelerator(dist: DistConfig, mixed_precision: str) -> Accelerator:
     if world > 1 and accelerator.num_processes != world:
         raise QloraError(f"the launcher started {world} processes but accelerate joined {accelerator.num_processes}; "
                          "launch with torchrun or accelerate launch (docs/distributed.md)")
-    if not accelerator.is_main_process:
-        logging.getLogger("qlora").setLevel(logging.WARNING)  # one process tells the story
     return accelerator
 
 

@@ -131,6 +131,8 @@ def run(config: Config, recipe: str | None = None) -> RunResult:
     config = distributed.same_output_dir(config, accelerator)
     runfolder.check_output_dir(config)
     with runfolder.RunLog() as runlog:
+        if not accelerator.is_main_process:
+            logging.getLogger("qlora").setLevel(logging.WARNING)  # one process tells the story
         try:
             resumed = checkpoint.find(config)
             state = _state_to_resume(resumed, config)
