@@ -48,6 +48,7 @@ HARMLESS_KEYS = frozenset({
     "train.num_workers", "train.sample_prompts", "train.max_new_tokens", "train.progress", "train.loggers",
     "train.project", "train.report", "train.check_memory", "train.memory_limit_gb", "train.save_every_steps",
     "train.keep_checkpoints", "train.on_nonfinite_loss",
+    "train.loss_chunk_tokens",  # the same loss, summed in another order
     # How processes share the work does not change what a step computes (the process count is checked apart).
     "dist.strategy", "dist.cpu_offload", "dist.timeout_minutes",
 })

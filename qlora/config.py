@@ -328,6 +328,13 @@ class TrainConfig:
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     prepare_kbit: bool = True
     """peft's k-bit preparation: upcast norms and unquantized weights to float32 for stable training."""
+    float32_embeddings: bool = False
+    """With prepare_kbit, upcast the frozen input and output embeddings too (peft's default; 2 GiB more for Llama
+    3.1 8B). Off, they stay in the compute dtype; embeddings in lora.modules_to_save are float32 either way."""
+    loss_chunk_tokens: int = 512
+    """Apply the output embeddings and the cross-entropy to this many trained positions at a time, recomputing each
+    chunk's logits in backward: the whole [tokens, vocab] float32 logits (gigabytes for a 128k vocabulary) never
+    exist, and prompt and padding positions get no logits at all. 0: the model's full logits."""
     mixed_precision: MixedPrecision = MixedPrecision.auto
     """accelerate autocast: auto is bf16 on a GPU that supports it, else no."""
     num_workers: int = 0
@@ -617,6 +624,7 @@ def validate(cfg: Config) -> None:
                 "keep_checkpoints"):
         value = getattr(cfg.train, key)
         need(value >= 0, f"train.{key} must be >= 0 (got {value})")
+    need(cfg.train.loss_chunk_tokens >= 0, f"train.loss_chunk_tokens must be >= 0 (got {cfg.train.loss_chunk_tokens})")
     need(cfg.train.eval_max_batches > 0, f"train.eval_max_batches must be > 0 (got {cfg.train.eval_max_batches})")
     for role, names in vars(cfg.data.roles).items():
         need(len(names) > 0, f"data.roles.{role} is empty; give at least one speaker name")

@@ -20,6 +20,7 @@ from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 
 from qlora.config import Config, DistConfig, DistStrategy
 from qlora.errors import QloraError
@@ -44,6 +45,9 @@ def make_accelerator(dist: DistConfig, mixed_precision: str) -> Accelerator:
     if dist.strategy == DistStrategy.ddp:
         # Every trainable parameter gets a gradient, so none needs searching for after each backward.
         handlers.append(DistributedDataParallelKwargs(find_unused_parameters=False))
+    # One process may run several runs (a sweep, the tests), each with its own mixed precision; the process
+    # group (accelerate's PartialState) is kept.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(),
                               kwargs_handlers=handlers)
     if world > 1 and accelerator.num_processes != world:
@@ -69,42 +73,63 @@ def storage_dtype(dist: DistConfig, compute: torch.dtype) -> torch.dtype | None:
     return compute if dist.strategy == DistStrategy.fsdp else None
 
 
-def shard(model: torch.nn.Module, dist: DistConfig) -> torch.nn.Module:
-    """Shard the (peft-wrapped) model across the processes with FSDP2: each decoder layer is one unit, gathered
-    for its forward and backward and freed after; the rest (embeddings, head, final norm) is the root unit.
+def shard(root: torch.nn.Module, dist: DistConfig, example: dict[str, torch.Tensor]) -> None:
+    """Shard a model (or a module around one, such as the loss) across the processes with FSDP2, in place.
 
-    Build the optimizer afterwards: sharding replaces the parameters.
+    Each decoder layer is one unit, gathered for its forward and backward and freed after. Every other module
+    that holds parameters of its own (embeddings, final norm, output head, their adapters) is a small unit too,
+    so whichever way a forward enters the model (the chunked loss calls the decoder and the head apart;
+    generation and evaluation call the model) each unit gathers what it uses. `root(**example)` runs once
+    without gradients, as FSDP needs its first forward to enter through the root. Build the optimizer
+    afterwards: sharding replaces the parameters.
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     offload = CPUOffloadPolicy() if dist.cpu_offload else OffloadPolicy()
-    layers = decoder_layers(model)
-    for layer in layers:
-        fully_shard(layer, offload_policy=offload)
-    fully_shard(model, offload_policy=offload)
-    log.info("fsdp: %d decoder layers and the root sharded across %d processes%s", len(layers),
+    model = _transformers_model(root)
+    if model.get_input_embeddings().weight is getattr(model.get_output_embeddings(), "weight", None):
+        raise QloraError(f"dist=fsdp: {type(model).__name__} ties its input and output embeddings, which cannot be "
+                         "sharded as separate units; use dist=ddp")
+    layers = decoder_layers(root)
+    in_layers = {id(m) for layer in layers for m in layer.modules()}
+    rest = [m for m in root.modules() if id(m) not in in_layers and any(True for _ in m.parameters(recurse=False))]
+    for unit in [*layers, *rest]:
+        fully_shard(unit, offload_policy=offload)
+    fully_shard(root, offload_policy=offload)
+    # FSDP sets itself up (which unit is the root and keeps its weights between forward and backward, which
+    # free theirs) in the first forward through the root; later forwards may enter below it.
+    was_training = root.training
+    root.eval()
+    with torch.no_grad():
+        root(**example)
+    root.train(was_training)
+    log.info("fsdp: %d decoder layers and %d other modules sharded across %d processes%s", len(layers), len(rest),
              torch.distributed.get_world_size(), ", parameters offloaded to CPU" if dist.cpu_offload else "")
-    return model
 
 
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+def decoder_layers(root: torch.nn.Module) -> list[torch.nn.Module]:
     """The model's repeated blocks: the classes transformers itself never splits across devices."""
-    names = set(getattr(_causal_lm(model), "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in names]
+    model = _transformers_model(root)
+    names = set(model._no_split_modules or [])
+    layers = [m for m in root.modules() if type(m).__name__ in names]
     if not layers:
-        raise QloraError(f"dist=fsdp: {type(_causal_lm(model)).__name__} names no decoder layer class "
-                         "(_no_split_modules), so it cannot be sharded layer by layer; use dist=ddp")
+        raise QloraError(f"dist=fsdp: {type(model).__name__} names no decoder layer class (_no_split_modules), "
+                         "so it cannot be sharded layer by layer; use dist=ddp")
     return layers
 
 
-def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+def _transformers_model(root: torch.nn.Module) -> torch.nn.Module:
+    """The outermost transformers model inside `root` (under peft's and the loss's wrappers)."""
+    from transformers import PreTrainedModel
+
+    return next(m for m in root.modules() if isinstance(m, PreTrainedModel))
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
+    """Whether FSDP has sharded (some of) the model's parameters."""
+    from torch.distributed.tensor import DTensor
 
-    return isinstance(model, FSDPModule)
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def full(tensor: torch.Tensor) -> torch.Tensor:

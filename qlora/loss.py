@@ -164,7 +164,7 @@ def _probe(model: nn.Module, decoder: nn.Module, head: nn.Module, softcap: float
     if len(seen["hidden"]) != 1 or len(seen["head"]) != 1:
         return f"ran its decoder {len(seen['hidden'])} and its output embeddings {len(seen['head'])} times per forward"
     (head_in, head_out), hidden = seen["head"][0], seen["hidden"][0]
-    if not torch.equal(head_in, hidden):
+    if not torch.equal(head_in, hidden.to(head_in.dtype)):  # a head kept in half precision casts its input
         return "does not apply its output embeddings to its decoder's last hidden states"
     ours, theirs = _final_logits(head_out, softcap), logits.float()
     tolerance = 4 * torch.finfo(logits.dtype).eps * float(theirs.abs().max())  # rounding of the model's own softcap

@@ -126,13 +126,42 @@ def load_base_model(cfg: ModelConfig, quant: QuantConfig, device: torch.device,
     return model
 
 
+def prepare_kbit(model: nn.Module, float32_embeddings: bool, modules_to_save: list[str]) -> nn.Module:
+    """peft's k-bit preparation: the norms and other unquantized weights upcast to float32 for stable training.
+
+    The input and output embeddings are then put back in the compute dtype (unless `float32_embeddings`, or
+    `modules_to_save` trains them: their trainable copies stay float32). They are the largest unquantized
+    tensors (Llama 3.1 8B's two are 2 GiB in float32, half in bfloat16), frozen, and the loss upcasts the
+    logits to float32 anyway.
+    """
+    from peft import prepare_model_for_kbit_training
+
+    keep = [] if float32_embeddings else embeddings_in_compute_dtype(model, modules_to_save)
+    dtypes = [m.weight.dtype for m in keep]
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    for module, dtype in zip(keep, dtypes, strict=True):
+        module.to(dtype)
+    head = model.get_output_embeddings()
+    if any(m is head for m in keep):
+        # The final norm is float32 now: its output meets the head in the head's dtype, as autocast would do.
+        head.register_forward_pre_hook(lambda module, args: (args[0].to(module.weight.dtype), *args[1:]))
+    return model
+
+
+def embeddings_in_compute_dtype(model: nn.Module, modules_to_save: list[str]) -> list[nn.Module]:
+    """The input and output embedding modules that k-bit preparation leaves in the compute dtype."""
+    names = {id(m): name.rsplit(".", 1)[-1] for name, m in model.named_modules()}
+    found = {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    return [m for key, m in found.items() if names.get(key) not in modules_to_save]
+
+
 def load_trained_model(config: Config, adapter: Path, device: torch.device):  # -> peft.PeftModel
     """The base loaded and prepared as the run trained it, with its adapter from `adapter`, in eval mode."""
-    from peft import PeftModel, prepare_model_for_kbit_training
+    from peft import PeftModel
 
     model = load_base_model(config.model, config.quant, device)
     if config.quant.method != QuantMethod.none and config.train.prepare_kbit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = prepare_kbit(model, config.train.float32_embeddings, config.lora.modules_to_save)
     try:
         model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
     except Exception as e:  # noqa: BLE001 (peft raises ValueError, RuntimeError, KeyError, safetensors errors)

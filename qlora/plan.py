@@ -104,6 +104,8 @@ class Plan:
     """Saved for backward at the micro batch and seq_len (with gradient checkpointing: each layer's input, plus
     one layer recomputed)."""
     logits_bytes: int
+    """The loss's logits: with train.loss_chunk_tokens, one chunk of them at a time plus the trained positions'
+    hidden states they are recomputed from; without, all of them in float32 with their gradients."""
     workspace_bytes: int
     """Transient: the largest weight dequantized for its matmul, and the activation gradients in flight."""
     tokens: int
@@ -114,6 +116,8 @@ class Plan:
     """Training FLOPs per token of the micro batch on the frozen-base basis: the forward pass (2 per weight and
     the attention scores), the backward pass for activation gradients only (the base is frozen), and with
     gradient checkpointing the forward again."""
+    loss_chunk_bytes: int = 0
+    """The part of logits_bytes that does not grow with the micro batch: one chunk of the chunked loss."""
     capacity_bytes: int | None = None
     """GPU memory the run may use (train.memory_limit_gb, else the visible GPU's total); None: none known."""
     max_positions: int | None = None
@@ -143,7 +147,7 @@ class Plan:
         """The most tokens per micro batch that fit."""
         if self.usable_bytes is None:
             return None
-        return max(0, int((self.usable_bytes - self.fixed_bytes) / self.per_token_bytes))
+        return max(0, int((self.usable_bytes - self.fixed_bytes - self.loss_chunk_bytes) / self.per_token_bytes))
 
     def largest_micro_batch(self, seq_len: int) -> int | None:
         tokens = self.max_tokens()
@@ -176,6 +180,9 @@ def plan(config: Config, device: str = "cuda") -> Plan:
         config.train.mixed_precision.value == "auto" and device == "cuda")
     tokens = config.train.micro_batch_size * config.train.seq_len
     per_token = _activation_per_token(arch, len(adapted), config, dtype, autocast, upcast)
+    chunk = config.train.loss_chunk_tokens
+    compute = torch.finfo(dtype).bits // 8
+    loss_chunk = min(tokens, chunk) * arch.vocab_size * (compute + LOGITS_BYTES) if chunk else 0
     largest = max((m.in_features * m.out_features for m in quantized.values()), default=0)
     dequantized = largest * torch.finfo(dtype).bits // 8
     capacity = _capacity(config, device)
@@ -192,11 +199,12 @@ def plan(config: Config, device: str = "cuda") -> Plan:
         optimizer_bytes=optimizer,
         optimizer_paged=config.optim.name.value.startswith("paged_") and device == "cuda",
         activation_bytes=int(per_token.activations * tokens),
-        logits_bytes=int(per_token.logits * tokens),
+        logits_bytes=int(per_token.logits * tokens) + loss_chunk,
         workspace_bytes=dequantized + int(per_token.workspace * tokens),
         tokens=tokens,
         per_token_bytes=per_token.total,
         flops_per_token=flops_per_token(arch, model, config),
+        loss_chunk_bytes=loss_chunk,
         capacity_bytes=capacity,
         max_positions=getattr(arch, "max_position_embeddings", None),
     )
@@ -290,11 +298,16 @@ def _compute_dtype(config: Config, device: str) -> torch.dtype:
 
 
 def _base_bytes(model: nn.Module, quantized: dict[str, nn.Linear], config: Config, upcast: bool) -> int:
+    from qlora.model import embeddings_in_compute_dtype
+
     weights = {id(m.weight) for m in quantized.values()}
+    kept = set() if config.train.float32_embeddings else \
+        {id(p) for m in embeddings_in_compute_dtype(model, config.lora.modules_to_save) for p in m.parameters()}
     total = sum(quantized_weight_bytes(m.weight.numel(), m.out_features, config) for m in quantized.values())
     for p in model.parameters():
         if id(p) not in weights:
-            total += p.numel() * (4 if upcast and p.is_floating_point() else p.element_size())
+            float32 = upcast and p.is_floating_point() and id(p) not in kept
+            total += p.numel() * (4 if float32 else p.element_size())
     return total + sum(_nbytes(b) for b in model.buffers())
 
 
@@ -362,7 +375,8 @@ def _activation_per_token(arch, adapted: int, config: Config, dtype: torch.dtype
     else:
         activations = layers * layer
     activations += 3 * residual * hidden  # embeddings, final norm, head input
-    logits = arch.vocab_size * (compute + LOGITS_BYTES)
+    # Chunked, a token keeps only its hidden state for its chunk's recompute (one chunk's logits: Plan.loss_chunk_bytes)
+    logits = hidden * compute if config.train.loss_chunk_tokens else arch.vocab_size * (compute + LOGITS_BYTES)
     workspace = 2 * residual * hidden  # the residual stream's gradient, in and out of a layer
     return _PerToken(activations, logits, workspace)
 
@@ -447,7 +461,8 @@ def describe(p: Plan, config: Config) -> str:
          p.optimizer_bytes),
         ("activations", f"micro batch {t.micro_batch_size} x seq_len {t.seq_len}, gradient checkpointing "
                         f"{'on' if t.gradient_checkpointing else 'off'} (estimate)", p.activation_bytes),
-        ("logits and loss", "float32 log-softmax and its gradients (estimate)", p.logits_bytes),
+        ("logits and loss", (f"chunks of {t.loss_chunk_tokens} tokens, float32 (estimate)" if t.loss_chunk_tokens
+                             else "all positions' float32 log-softmax and its gradients (estimate)"), p.logits_bytes),
         ("workspace", "dequantized weight, gradients in flight (estimate)", p.workspace_bytes),
     ]
     width = max(len(r[0]) for r in rows)
@@ -478,8 +493,8 @@ def check_fits(config: Config, device: str) -> Plan | None:
         options = ["a smaller model", "a lower lora.r"]
         if not (config.quant.method in (QuantMethod.nf4, QuantMethod.fp4) and config.quant.double_quant):
             options.append("quant=nf4-dq")
-        if config.train.prepare_kbit and config.quant.method != QuantMethod.none:
-            options.append("train.prepare_kbit=false (keeps embeddings and head in the compute dtype, not float32)")
+        if config.train.prepare_kbit and config.train.float32_embeddings and config.quant.method != QuantMethod.none:
+            options.append("train.float32_embeddings=false (embeddings and head in the compute dtype)")
         advice = f"the weights, LoRA and optimizer state alone need {gib(p.fixed_bytes)}: use {', '.join(options)}"
     else:
         batch, seq = p.largest_micro_batch(t.seq_len), p.largest_seq_len(t.micro_batch_size)

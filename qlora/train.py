@@ -27,9 +27,10 @@ from qlora import checkpoint, demo, distributed, hub, runfolder
 from qlora import data as qdata
 from qlora.config import Config, DistStrategy, OnNonFinite, validate
 from qlora.errors import ConfigError, QloraError
-from qlora.evaluation import perplexity, score, scored_tokens, token_loss_sum
+from qlora.evaluation import perplexity, score, scored_tokens
 from qlora.files import write_folder_atomic, write_text_atomic
 from qlora.lora import attach_lora
+from qlora.loss import CausalLMLoss
 from qlora.metrics import MetricsLog, NoMetrics, logger_problems
 from qlora.model import (
     QuantReport,
@@ -38,6 +39,7 @@ from qlora.model import (
     load_base_model,
     load_tokenizer,
     mixed_precision,
+    prepare_kbit,
     quant_report,
 )
 from qlora.optim import build_optimizer, build_scheduler, load_optimizer_state
@@ -97,6 +99,9 @@ class Training:
     out: Path
     accelerator: Accelerator
     model: torch.nn.Module
+    """The peft model (sharded under FSDP): what is saved, evaluated and sampled."""
+    loss: torch.nn.Module
+    """The loss module around it, as accelerate prepared it (DDP-wrapped under dist=ddp): what trains."""
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     train_loader: torch.utils.data.DataLoader
@@ -187,9 +192,7 @@ def _run(config: Config, accelerator: Accelerator, resumed: checkpoint.Checkpoin
                             distributed.storage_dtype(config.dist, compute_dtype(config.quant, device)))
     base = _log_base(model, config, time.perf_counter() - t0)
     if config.quant.method.value != "none" and config.train.prepare_kbit:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = prepare_kbit(model, config.train.float32_embeddings, config.lora.modules_to_save)
     if config.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -204,8 +207,9 @@ def _run(config: Config, accelerator: Accelerator, resumed: checkpoint.Checkpoin
         check_packed_attention(model, qdata.first_batch(train_loader), device)
     if resumed is not None:
         _restore_adapter(resumed, model)
+    loss = CausalLMLoss(model, config.train.loss_chunk_tokens)
     if sharded:
-        model = distributed.shard(model, config.dist)
+        distributed.shard(loss, config.dist, _loss_inputs(qdata.first_batch(train_loader), device, rows=1, tokens=8))
 
     # Optimizer and schedule (after sharding, which replaces the parameters)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -222,14 +226,14 @@ def _run(config: Config, accelerator: Accelerator, resumed: checkpoint.Checkpoin
     if sharded:
         optimizer = accelerator.prepare(optimizer)  # FSDP is applied above; accelerate would wrap the model in DDP
     else:
-        model, optimizer = accelerator.prepare(model, optimizer)
+        loss, optimizer = accelerator.prepare(loss, optimizer)
     if resumed is not None:
         _restore_training(resumed, accelerator, model, optimizer, scheduler)
 
     prompts = [qdata.prompt_ids(p, config.data, tokenizer) for p in config.train.sample_prompts]
     before = resumed.state.get("samples_before", []) if resumed else []
     if len(before) != len(prompts):  # a fresh run, or the sample prompts changed since the checkpoint
-        before = generate(accelerator.unwrap_model(model), tokenizer, prompts, config.train.max_new_tokens, device)
+        before = generate(model, tokenizer, prompts, config.train.max_new_tokens, device)
 
     # Everything checked: from here on, output_dir holds this run
     accelerator.wait_for_everyone()  # every process has read output_dir (its checkpoints) before it changes
@@ -240,8 +244,8 @@ def _run(config: Config, accelerator: Accelerator, resumed: checkpoint.Checkpoin
                              else checkpoint.run_dir_of(resumed.path) / "metrics.jsonl")
     else:
         metrics = NoMetrics()
-    training = Training(config, out, accelerator, model, optimizer, scheduler, train_loader, sampler, eval_loader,
-                        metrics, before)
+    training = Training(config, out, accelerator, model, loss, optimizer, scheduler, train_loader, sampler,
+                        eval_loader, metrics, before)
     try:
         if resumed is not None:
             checkpoint.set_rng_state(resumed.rng)  # last: what the uninterrupted run would draw next
@@ -249,10 +253,10 @@ def _run(config: Config, accelerator: Accelerator, resumed: checkpoint.Checkpoin
     finally:
         metrics.close()
 
-    after = generate(accelerator.unwrap_model(model), tokenizer, prompts, config.train.max_new_tokens, device)
+    after = generate(model, tokenizer, prompts, config.train.max_new_tokens, device)
     samples = [{"prompt": p, "before": b, "after": a}
                for p, b, a in zip(config.train.sample_prompts, before, after, strict=True)]
-    adapter = distributed.adapter_state(accelerator.unwrap_model(model))
+    adapter = distributed.adapter_state(model)
     if accelerator.is_main_process:
         summary = {"parameters": parameters, "base_bytes": base.total_bytes if base else None,
                    "peak_memory_gb": peak_memory_gb(device), "seconds": time.perf_counter() - started,
@@ -260,7 +264,7 @@ def _run(config: Config, accelerator: Accelerator, resumed: checkpoint.Checkpoin
                    "processes": accelerator.num_processes,
                    "global_batch": config.train.micro_batch_size * config.train.grad_accum_steps
                    * accelerator.num_processes}
-        _save_results(out, accelerator.unwrap_model(model), adapter, samples, state, summary)
+        _save_results(out, model, adapter, samples, state, summary)
         if config.train.report:
             _write_report(out)
     accelerator.wait_for_everyone()
@@ -270,7 +274,7 @@ def _run(config: Config, accelerator: Accelerator, resumed: checkpoint.Checkpoin
         log.info("eval loss %.4f -> %.4f (perplexity %.2f -> %.2f)", state.first_eval_loss, state.final_eval_loss,
                  perplexity(state.first_eval_loss), perplexity(state.final_eval_loss))
     log.info("saved adapter, tokenizer and config to %s", out)
-    return RunResult(out, state, samples, accelerator.unwrap_model(model), tokenizer, optimizer.optimizer)
+    return RunResult(out, state, samples, model, tokenizer, optimizer.optimizer)
 
 
 def _state_to_resume(resumed: checkpoint.Checkpoint | None, config: Config) -> TrainState:
@@ -358,7 +362,7 @@ def save_checkpoint(training: Training, state: TrainState) -> Path:
     """Checkpoint the run at `state` (atomically; the main process writes, every process must call this);
     returns its folder."""
     accelerator = training.accelerator
-    model = accelerator.unwrap_model(training.model)
+    model = training.model
     # Gathered whole when sharded: collectives, so every process takes part before the main one writes.
     adapter = distributed.adapter_state(model)
     optimizer = distributed.optimizer_state(model, training.optimizer.optimizer)
@@ -423,9 +427,9 @@ def train_loop(training: Training, state: TrainState) -> None:
     Stops early, after checkpointing, on SIGINT / SIGTERM (raising Interrupted), and on a non-finite loss
     (raising QloraError) unless train.on_nonfinite_loss=skip.
     """
-    cfg, config, accelerator, model = training.config.train, training.config, training.accelerator, training.model
+    cfg, config, accelerator = training.config.train, training.config, training.accelerator
     batches = _batches(training.train_loader, training.sampler, state)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = [p for p in training.model.parameters() if p.requires_grad]
     evaluate_now = training.eval_loader is not None and cfg.eval_every_steps > 0
     if evaluate_now and state.step == 0:
         state.first_eval_loss = state.final_eval_loss = _evaluate(training)
@@ -435,7 +439,7 @@ def train_loop(training: Training, state: TrainState) -> None:
     nonfinite_in_a_row = 0
     saved_at = state.step if state.step > 0 else None  # a resumed run starts on a checkpoint
     stop = False
-    model.train()
+    training.loss.train()
     with _StopSignals() as signals:
         while state.step < cfg.max_steps and not stop:
             try:
@@ -500,7 +504,7 @@ def _train_row(training: Training, state: TrainState, loss: float, grad_norm: fl
 def _step(training: Training, batches, trainable) -> tuple[float, int, int, float | None]:
     """Forward and backward over one optimizer step's micro batches, gradients clipped; the optimizer is not
     stepped. Returns the loss per trained token, trained and seen token counts, and the gradient norm."""
-    config, accelerator, model = training.config, training.accelerator, training.model
+    config, accelerator = training.config, training.accelerator
     # Fetch the step's micro batches first, so each one's loss is weighted by its share of the step's trained
     # tokens (a plain mean of micro-batch means over-weights short sequences).
     micro = [next(batches) for _ in range(config.train.grad_accum_steps)]
@@ -512,10 +516,8 @@ def _step(training: Training, batches, trainable) -> tuple[float, int, int, floa
     scale = accelerator.num_processes / max(n_trained, 1)
     loss_sum = torch.zeros((), device=accelerator.device)
     for i, batch in enumerate(micro):
-        batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
-        with _maybe_no_sync(accelerator, model, sync=i == len(micro) - 1), accelerator.autocast():
-            logits = model(**qdata.model_inputs(batch)).logits
-            loss = token_loss_sum(logits, batch["labels"])
+        with _maybe_no_sync(accelerator, training.loss, sync=i == len(micro) - 1), accelerator.autocast():
+            loss = training.loss(**_loss_inputs(batch, accelerator.device))
             accelerator.backward(loss * scale)
         loss_sum += loss.detach()
     if accelerator.num_processes > 1:
@@ -524,6 +526,13 @@ def _step(training: Training, batches, trainable) -> tuple[float, int, int, floa
     if config.optim.max_grad_norm > 0:
         grad_norm = float(distributed.full(accelerator.clip_grad_norm_(trainable, config.optim.max_grad_norm)))
     return loss_sum.item() / max(n_trained, 1), n_trained, n_seen, grad_norm
+
+
+def _loss_inputs(batch: dict[str, torch.Tensor], device: torch.device, rows: int | None = None,
+                 tokens: int | None = None) -> dict[str, torch.Tensor]:
+    """The loss module's arguments for a batch (or its first rows x tokens), on `device`."""
+    batch = {k: v[:rows, :tokens].to(device, non_blocking=True) for k, v in batch.items()}
+    return {**qdata.model_inputs(batch), "labels": batch["labels"]}
 
 
 def _sum_over_processes(accelerator: Accelerator, counts: list[int]) -> list[int]:
@@ -565,7 +574,7 @@ def _evaluate(training: Training) -> float:
     # Every process scores the whole (bounded) eval split with the same weights: the same loss everywhere, and
     # under FSDP the forwards every process must take part in.
     with training.accelerator.autocast():
-        return score(training.accelerator.unwrap_model(training.model), training.eval_loader,
+        return score(training.model, training.eval_loader,
                      training.config.train.eval_max_batches).mean_loss
 
 

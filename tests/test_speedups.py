@@ -1,0 +1,64 @@
+"""The memory and speed switches change what a run costs, not what it learns: the same losses within tolerance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qlora.metrics import read_metrics
+from qlora.train import run
+
+STEPS = ["train.max_steps=6", "train.log_every_steps=1", "train.eval_every_steps=3", "train.sample_prompts=[]",
+         "train.report=false", "lora.dropout=0"]
+
+
+def losses(result) -> list[float]:
+    return [r.get("loss", r.get("eval_loss")) for r in read_metrics(result.output_dir)]
+
+
+def adapter(result) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in result.model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("chunk", ["7", "100000"])
+def test_chunked_loss_trains_as_the_full_logits_do(tiny_config, tmp_path, chunk):
+    """Chunks smaller than a micro batch's trained tokens and one chunk for all of them, against full logits."""
+    full = run(tiny_config(*STEPS, "train.loss_chunk_tokens=0", output_dir=tmp_path / "full"))
+    chunked = run(tiny_config(*STEPS, f"train.loss_chunk_tokens={chunk}", output_dir=tmp_path / "chunked"))
+    assert losses(chunked) == pytest.approx(losses(full), rel=1e-5)
+    for name, value in adapter(full).items():
+        torch.testing.assert_close(adapter(chunked)[name], value, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("packing", ["false", "true"])
+def test_chunked_loss_over_packed_and_padded_batches(tiny_config, tmp_path, packing):
+    runs = [run(tiny_config(*STEPS, f"data.packing={packing}", f"train.loss_chunk_tokens={c}",
+                            output_dir=tmp_path / c)) for c in ("0", "16")]
+    assert losses(runs[1]) == pytest.approx(losses(runs[0]), rel=1e-5)
+
+
+def test_embeddings_in_the_compute_dtype(tiny_config, tmp_path):
+    """bf16 compute on the CPU: peft's float32 embeddings and head against ours in bf16. The loss moves by
+    bf16 rounding only; the base shrinks by half of the two matrices."""
+    bf16 = ["quant.compute_dtype=bfloat16", "train.mixed_precision=bf16", *STEPS]
+    upcast = run(tiny_config(*bf16, "train.float32_embeddings=true", output_dir=tmp_path / "fp32"))
+    kept = run(tiny_config(*bf16, output_dir=tmp_path / "bf16"))
+    model = kept.model.get_base_model()
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert model.get_output_embeddings().weight.dtype == torch.bfloat16
+    assert model.model.norm.weight.dtype == torch.float32  # the rest of peft's preparation stands
+    assert upcast.model.get_base_model().get_input_embeddings().weight.dtype == torch.float32
+    frozen = [sum(p.numel() * p.element_size() for p in r.model.parameters() if not p.requires_grad)
+              for r in (upcast, kept)]
+    embeddings = sum(m.weight.numel() for m in (model.get_input_embeddings(), model.get_output_embeddings()))
+    assert frozen[0] - frozen[1] == 2 * embeddings  # 4 bytes a weight -> 2
+    assert losses(kept) == pytest.approx(losses(upcast), rel=2e-2)
+    assert losses(kept)[-1] < 0.9 * losses(kept)[0]
+
+
+def test_trained_embeddings_stay_float32(tiny_config, tmp_path):
+    result = run(tiny_config(*STEPS, "quant.compute_dtype=bfloat16", "train.mixed_precision=bf16",
+                             "lora.modules_to_save=[lm_head]", output_dir=tmp_path / "run"))
+    head = result.model.get_base_model().get_output_embeddings()
+    assert all(p.dtype == torch.float32 for p in head.parameters())
+    assert result.model.get_base_model().get_input_embeddings().weight.dtype == torch.bfloat16
