@@ -1,12 +1,13 @@
 """Several processes, one run: accelerate set up for dist=none|ddp|fsdp, FSDP2 sharding of the 4-bit model, and
 the few collectives the training loop needs.
 
-Launchers (torchrun, accelerate launch, srun) start one process per device and set RANK / WORLD_SIZE; accelerate
-reads them, starts the process group (NCCL on GPUs, gloo on CPUs) and places each process on its device.
+Launchers (torchrun, accelerate launch) start one process per device and set RANK / WORLD_SIZE; accelerate reads
+them, starts the process group (NCCL on GPUs, gloo on CPUs) and places each process on its device.
 
 - ddp: accelerate wraps the model in DistributedDataParallel; LoRA gradients are all-reduced in backward.
-- fsdp: every decoder layer and then the whole model go through torch's `fully_shard` (FSDP2), here rather than in
-  accelerate, whose FSDP runs on GPUs only: one code path that the CPU tests run too. bitsandbytes stores the
+- fsdp: the decoder layers, the other modules with weights, then the whole go through torch's `fully_shard`
+  (FSDP2), here rather than in accelerate, whose FSDP runs on GPUs only: one code path that the CPU tests run
+  too. bitsandbytes stores the
   packed 4-bit weights in the compute dtype (`bnb_4bit_quant_storage`), so they are sharded like any other
   tensor; the quantization constants stay with each layer and apply once the weight is gathered for its forward.
 """

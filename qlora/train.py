@@ -522,10 +522,11 @@ def _step(training: Training, batches, trainable) -> tuple[float, int, int, floa
         loss_sum += loss.detach()
     if accelerator.num_processes > 1:
         loss_sum = accelerator.reduce(loss_sum, "sum")
-    grad_norm = None
-    if config.optim.max_grad_norm > 0:
-        grad_norm = float(distributed.full(accelerator.clip_grad_norm_(trainable, config.optim.max_grad_norm)))
-    return loss_sum.item() / max(n_trained, 1), n_trained, n_seen, grad_norm
+    if config.optim.max_grad_norm <= 0:
+        return loss_sum.item() / max(n_trained, 1), n_trained, n_seen, None
+    norm = distributed.full(accelerator.clip_grad_norm_(trainable, config.optim.max_grad_norm))
+    loss_value, grad_norm = torch.stack([loss_sum.float(), norm.float()]).tolist()  # one wait for the device
+    return loss_value / max(n_trained, 1), n_trained, n_seen, grad_norm
 
 
 def _loss_inputs(batch: dict[str, torch.Tensor], device: torch.device, rows: int | None = None,
