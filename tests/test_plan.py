@@ -14,7 +14,7 @@ from qlora import demo
 from qlora.composition import compose_config
 from qlora.errors import QloraError
 from qlora.lora import attach_lora
-from qlora.model import load_base_model, quant_report
+from qlora.model import load_base_model, prepare_kbit, quant_report
 from qlora.optim import build_optimizer
 from qlora.plan import check_fits, measured_saved_bytes, measured_state_bytes, plan
 from tests.conftest import REPO, qlora_cli
@@ -23,12 +23,10 @@ CPU = torch.device("cpu")
 
 
 def _prepared_base(config):
-    from peft import prepare_model_for_kbit_training
-
     demo.prepare_assets(config)
     model = load_base_model(config.model, config.quant, CPU)
     if config.quant.method.value != "none" and config.train.prepare_kbit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = prepare_kbit(model, config.train.float32_embeddings, config.lora.modules_to_save)
     return model
 
 
