@@ -416,9 +416,16 @@ def peak_memory_gb(device: torch.device) -> float:
     """Peak memory so far (GiB): CUDA's max allocated on a GPU, the process's peak resident set on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
+    # Linux's VmHWM is this process's own peak; getrusage's ru_maxrss survives exec, so a run started from a
+    # bigger process would report that one's peak.
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 def train_loop(training: Training, state: TrainState) -> None:
