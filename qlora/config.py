@@ -375,7 +375,7 @@ class DistConfig:
     strategy: DistStrategy = DistStrategy.none
     """none: one process. ddp: every process holds the whole quantized model and trains on its own shard of the
     data; LoRA gradients are all-reduced. fsdp: the quantized base and the adapter are sharded across the
-    processes (FSDP2), so a model too big for one GPU trains on several (CUDA GPUs only)."""
+    processes (FSDP2), so a model too big for one GPU trains on several."""
     cpu_offload: bool = False
     """fsdp: keep the sharded parameters, gradients and optimizer state in CPU memory between uses."""
     timeout_minutes: int = 30

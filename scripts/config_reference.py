@@ -77,7 +77,8 @@ def render() -> str:
     header = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
     lines += ["## Top level", "", *header, *rows(schema.Config, "", docs, annotations), ""]
     for group, cls in [("model", schema.ModelConfig), ("quant", schema.QuantConfig), ("lora", schema.LoraConfig),
-                       ("data", schema.DataConfig), ("optim", schema.OptimConfig), ("train", schema.TrainConfig)]:
+                       ("data", schema.DataConfig), ("optim", schema.OptimConfig), ("train", schema.TrainConfig),
+                       ("dist", schema.DistConfig)]:
         options = sorted(p.stem for p in (ROOT / "configs" / group).glob("*.yaml"))
         lines += [f"## `{group}` (options: {', '.join(options)})", "", *header, *rows(cls, f"{group}.", docs,
                                                                                        annotations), ""]

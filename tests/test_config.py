@@ -20,7 +20,7 @@ from qlora.config import ArchitectureConfig, Config, OptimizerName, QuantMethod,
 from qlora.errors import ConfigError
 from tests.conftest import qlora_cli
 
-GROUPS = ["model", "quant", "lora", "data", "optim", "train"]
+GROUPS = ["model", "quant", "lora", "data", "optim", "train", "dist"]
 
 
 def options(group: str) -> list[str]:
