@@ -207,6 +207,8 @@ def _run(config: Config, accelerator: Accelerator, resumed: checkpoint.Checkpoin
         check_packed_attention(model, qdata.first_batch(train_loader), device)
     if resumed is not None:
         _restore_adapter(resumed, model)
+
+    # What trains: the loss inside a module, so that DDP / FSDP see the whole forward (sharded here under FSDP)
     loss = CausalLMLoss(model, config.train.loss_chunk_tokens)
     if sharded:
         distributed.shard(loss, config.dist, _loss_inputs(qdata.first_batch(train_loader), device, rows=1, tokens=8))
