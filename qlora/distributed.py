@@ -158,7 +158,12 @@ def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Load a whole optimizer state dict (as `optimizer_state` gathered it) into the sharded optimizer."""
+    """Load a whole optimizer state dict (as `optimizer_state` returned it), into shards under FSDP."""
+    if not is_sharded(model):
+        from qlora.optim import load_optimizer_state as load_whole
+
+        load_whole(optimizer, state)
+        return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))

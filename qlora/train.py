@@ -42,7 +42,7 @@ from qlora.model import (
     prepare_kbit,
     quant_report,
 )
-from qlora.optim import build_optimizer, build_scheduler, load_optimizer_state
+from qlora.optim import build_optimizer, build_scheduler
 from qlora.plan import check_fits
 
 log = logging.getLogger(__name__)
@@ -328,10 +328,7 @@ def _restore_adapter(resumed: checkpoint.Checkpoint, model) -> None:
 def _restore_training(resumed: checkpoint.Checkpoint, accelerator: Accelerator, model, optimizer, scheduler) -> None:
     """Put the checkpoint's optimizer, schedule and gradient scaler state into the fresh run."""
     with _not_fitting(resumed):
-        if distributed.is_sharded(model):
-            distributed.load_optimizer_state(model, optimizer.optimizer, resumed.optimizer)
-        else:
-            load_optimizer_state(optimizer, resumed.optimizer)
+        distributed.load_optimizer_state(model, optimizer.optimizer, resumed.optimizer)
         scheduler.load_state_dict(resumed.scheduler)
         if resumed.scaler is not None and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(resumed.scaler)
