@@ -49,6 +49,7 @@ HARMLESS_KEYS = frozenset({
     "train.project", "train.report", "train.check_memory", "train.memory_limit_gb", "train.save_every_steps",
     "train.keep_checkpoints", "train.on_nonfinite_loss",
     "train.loss_chunk_tokens",  # the same loss, summed in another order
+    "train.gradient_checkpointing",  # recomputed activations are the same activations (dropout masks included)
     # How processes share the work does not change what a step computes (the process count is checked apart).
     "dist.strategy", "dist.cpu_offload", "dist.timeout_minutes",
 })

@@ -14,6 +14,9 @@ from pathlib import Path
 
 from qlora.errors import ConfigError
 
+AUTO = "auto"
+"""train.gradient_checkpointing's third value, beside true and false."""
+
 
 class QuantMethod(str, Enum):
     """How the frozen base weights are stored (bitsandbytes)."""
@@ -324,8 +327,10 @@ class TrainConfig:
     """Upper bound on eval micro batches per evaluation."""
     log_every_steps: int = 10
     """Write a metrics row every N optimizer steps."""
-    gradient_checkpointing: bool = True
-    """Recompute activations in the backward pass: less memory, about a third more compute."""
+    gradient_checkpointing: bool | str = AUTO
+    """Recompute decoder layers' activations in the backward pass instead of keeping them: less memory for more
+    compute (a layer's forward again). auto: as few layers as fit the GPU's memory (train.memory_limit_gb, else the
+    GPU's; the free RAM on a CPU) by the memory plan, none when everything fits; true: every layer; false: none."""
     prepare_kbit: bool = True
     """peft's k-bit preparation: upcast norms and unquantized weights to float32 for stable training."""
     float32_embeddings: bool = False
@@ -624,6 +629,9 @@ def validate(cfg: Config) -> None:
                 "keep_checkpoints"):
         value = getattr(cfg.train, key)
         need(value >= 0, f"train.{key} must be >= 0 (got {value})")
+    checkpointing = cfg.train.gradient_checkpointing
+    need(isinstance(checkpointing, bool) or checkpointing == AUTO,
+         f"train.gradient_checkpointing must be auto, true or false (got {checkpointing})")
     need(cfg.train.loss_chunk_tokens >= 0, f"train.loss_chunk_tokens must be >= 0 (got {cfg.train.loss_chunk_tokens})")
     need(cfg.train.eval_max_batches > 0, f"train.eval_max_batches must be > 0 (got {cfg.train.eval_max_batches})")
     for role, names in vars(cfg.data.roles).items():

@@ -148,6 +148,23 @@ def prepare_kbit(model: nn.Module, float32_embeddings: bool, modules_to_save: li
     return model
 
 
+def enable_checkpointing(model: nn.Module, layers: int | None) -> int | None:
+    """Recompute in backward the activations of the first `layers` decoder layers (None: every one); returns how
+    many are, or None for a model without transformers' per-layer switch (remote code), checkpointed its own way.
+    The first layers: the backward pass reaches them last, when the kept layers' activations are gone."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    count = len(blocks) if layers is None else min(layers, len(blocks))
+    if layers == 0 or (blocks and count == 0):
+        return 0
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    for block in blocks[count:]:
+        block.gradient_checkpointing = False
+    return count if blocks else None
+
+
 def embeddings_in_compute_dtype(model: nn.Module, modules_to_save: list[str]) -> list[nn.Module]:
     """The input and output embedding modules that k-bit preparation leaves in the compute dtype."""
     names = {id(m): name.rsplit(".", 1)[-1] for name, m in model.named_modules()}

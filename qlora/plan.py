@@ -19,13 +19,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from dataclasses import dataclass
+import os
+import weakref
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
-from qlora.config import Config, DType, OptimizerName, QuantMethod, ScratchTokenizer, builds_scratch_model
+from qlora.config import AUTO, Config, DType, OptimizerName, QuantMethod, ScratchTokenizer, builds_scratch_model
 from qlora.errors import QloraError
 
 log = logging.getLogger(__name__)
@@ -41,6 +45,11 @@ QMAP_BYTES = 256 * 4
 """One 8-bit optimizer code book (256 float32 values), shared by all parameters."""
 CUDA_RESERVE = GIB
 """Left free on the GPU for the CUDA context, cuBLAS workspaces and allocator fragmentation."""
+AUTO_SHARE = 0.9
+"""train.gradient_checkpointing=auto plans to fill at most this share of the usable memory: the activations are
+an estimate (within 5% where measured, docs/plan.md)."""
+HOST_RESERVE = GIB
+"""Left free of the available RAM when planning a CPU run: the libraries' own memory is not in the plan."""
 
 
 @dataclass(frozen=True)
@@ -101,8 +110,8 @@ class Plan:
     """The optimizer state lives in CUDA unified memory (bitsandbytes' paged optimizers), which the driver
     moves to CPU memory under pressure."""
     activation_bytes: int
-    """Saved for backward at the micro batch and seq_len (with gradient checkpointing: each layer's input, plus
-    one layer recomputed)."""
+    """Saved for backward at the micro batch and seq_len (a recomputed layer keeps only its input, and one layer's
+    activations exist again while it is recomputed)."""
     logits_bytes: int
     """The loss's logits: with train.loss_chunk_tokens, one chunk of them at a time plus the trained positions'
     hidden states they are recomputed from; without, all of them in float32 with their gradients."""
@@ -114,10 +123,18 @@ class Plan:
     """Activation, logits and workspace bytes that grow with each token of the micro batch."""
     flops_per_token: float
     """Training FLOPs per token of the micro batch on the frozen-base basis: the forward pass (2 per weight and
-    the attention scores), the backward pass for activation gradients only (the base is frozen), and with
-    gradient checkpointing the forward again."""
+    the attention scores), the backward pass for activation gradients only (the base is frozen), and the recomputed
+    layers' share of the forward again."""
     loss_chunk_bytes: int = 0
     """The part of logits_bytes that does not grow with the micro batch: one chunk of the chunked loss."""
+    least_per_token_bytes: float | None = None
+    """per_token_bytes with the most recomputation train.gradient_checkpointing=auto would choose, which bounds
+    the largest micro batch and seq_len; None: per_token_bytes (true and false choose nothing)."""
+    layers: int = 0
+    """Decoder layers."""
+    checkpointed_layers: int = 0
+    """Decoder layers whose activations are recomputed in backward (the first ones): all of them for
+    train.gradient_checkpointing=true, none for false; for auto the fewest whose plan fits the memory."""
     capacity_bytes: int | None = None
     """GPU memory the run may use (train.memory_limit_gb, else the visible GPU's total); None: none known."""
     max_positions: int | None = None
@@ -147,7 +164,8 @@ class Plan:
         """The most tokens per micro batch that fit."""
         if self.usable_bytes is None:
             return None
-        return max(0, int((self.usable_bytes - self.fixed_bytes - self.loss_chunk_bytes) / self.per_token_bytes))
+        per_token = self.least_per_token_bytes or self.per_token_bytes
+        return max(0, int((self.usable_bytes - self.fixed_bytes - self.loss_chunk_bytes) / per_token))
 
     def largest_micro_batch(self, seq_len: int) -> int | None:
         tokens = self.max_tokens()
@@ -161,8 +179,9 @@ class Plan:
         return min(longest, self.max_positions) if self.max_positions else longest
 
 
-def plan(config: Config, device: str = "cuda") -> Plan:
-    """The memory `config` needs on `device` ("cuda" or "cpu"), from the model's config alone."""
+def plan(config: Config, device: str = "cuda", checkpointed: int | None = None) -> Plan:
+    """The memory `config` needs on `device` ("cuda" or "cpu"), from the model's config alone; with `checkpointed`,
+    recomputing that many decoder layers whatever train.gradient_checkpointing says."""
     from transformers import AutoModelForCausalLM
 
     arch = model_config(config)
@@ -179,35 +198,52 @@ def plan(config: Config, device: str = "cuda") -> Plan:
     autocast = config.train.mixed_precision.value in ("bf16", "fp16") or (
         config.train.mixed_precision.value == "auto" and device == "cuda")
     tokens = config.train.micro_batch_size * config.train.seq_len
-    per_token = _activation_per_token(arch, len(adapted), config, dtype, autocast, upcast)
     chunk = config.train.loss_chunk_tokens
     compute = torch.finfo(dtype).bits // 8
     loss_chunk = min(tokens, chunk) * arch.vocab_size * (compute + LOGITS_BYTES) if chunk else 0
     largest = max((m.in_features * m.out_features for m in quantized.values()), default=0)
     dequantized = largest * torch.finfo(dtype).bits // 8
-    capacity = _capacity(config, device)
-    return Plan(
-        model=config.model.name_or_path,
-        device=device,
-        dtype=str(dtype).removeprefix("torch."),
-        parameters=sum(p.numel() for p in model.parameters()),
-        quantized_parameters=sum(m.weight.numel() for m in quantized.values()),
-        base_bytes=base,
-        trainable_parameters=sum(p.numel() for p in trainable),
-        trainable_bytes=sum(_nbytes(p) for p in trainable),
-        gradient_bytes=sum(_nbytes(p) for p in trainable),
-        optimizer_bytes=optimizer,
-        optimizer_paged=config.optim.name.value.startswith("paged_") and device == "cuda",
-        activation_bytes=int(per_token.activations * tokens),
-        logits_bytes=int(per_token.logits * tokens) + loss_chunk,
-        workspace_bytes=dequantized + int(per_token.workspace * tokens),
-        tokens=tokens,
-        per_token_bytes=per_token.total,
-        flops_per_token=flops_per_token(arch, model, config),
-        loss_chunk_bytes=loss_chunk,
-        capacity_bytes=capacity,
-        max_positions=getattr(arch, "max_position_embeddings", None),
-    )
+    layers = arch.num_hidden_layers
+
+    def with_checkpointing(checkpointed: int) -> Plan:
+        per_token = _activation_per_token(arch, len(adapted), config, dtype, autocast, upcast, checkpointed)
+        return Plan(
+            model=config.model.name_or_path,
+            device=device,
+            dtype=str(dtype).removeprefix("torch."),
+            parameters=sum(p.numel() for p in model.parameters()),
+            quantized_parameters=sum(m.weight.numel() for m in quantized.values()),
+            base_bytes=base,
+            trainable_parameters=sum(p.numel() for p in trainable),
+            trainable_bytes=sum(_nbytes(p) for p in trainable),
+            gradient_bytes=sum(_nbytes(p) for p in trainable),
+            optimizer_bytes=optimizer,
+            optimizer_paged=config.optim.name.value.startswith("paged_") and device == "cuda",
+            activation_bytes=int(per_token.activations * tokens),
+            logits_bytes=int(per_token.logits * tokens) + loss_chunk,
+            workspace_bytes=dequantized + int(per_token.workspace * tokens),
+            tokens=tokens,
+            per_token_bytes=per_token.total,
+            flops_per_token=flops_per_token(arch, model, config, checkpointed),
+            layers=layers,
+            checkpointed_layers=checkpointed,
+            loss_chunk_bytes=loss_chunk,
+            capacity_bytes=_capacity(config, device),
+            max_positions=getattr(arch, "max_position_embeddings", None),
+        )
+
+    setting = config.train.gradient_checkpointing
+    if checkpointed is not None:
+        return with_checkpointing(checkpointed)
+    if setting != AUTO:
+        return with_checkpointing(layers if setting else 0)
+    # Recomputing the last layer too never lowers the peak (its backward needs its activations at once).
+    candidates = [with_checkpointing(k) for k in range(max(layers - 1, 0) + 1)]
+    leanest = candidates[-1]
+    budget = leanest.usable_bytes if leanest.usable_bytes is not None else _host_budget(config, device)
+    chosen = leanest if budget is None else \
+        next((c for c in candidates if c.total_bytes <= AUTO_SHARE * budget), leanest)
+    return replace(chosen, least_per_token_bytes=leanest.per_token_bytes)
 
 
 def model_config(config: Config):  # -> transformers.PretrainedConfig
@@ -352,8 +388,9 @@ class _PerToken:
 
 
 def _activation_per_token(arch, adapted: int, config: Config, dtype: torch.dtype, autocast: bool,
-                          upcast: bool) -> _PerToken:
-    """Bytes per token of the micro batch: saved activations, logits, and transient gradients."""
+                          upcast: bool, checkpointed: int) -> _PerToken:
+    """Bytes per token of the micro batch: saved activations, logits, and transient gradients, with the first
+    `checkpointed` decoder layers recomputed in backward."""
     compute = torch.finfo(dtype).bits // 8
     coeff = LAYER_BYTES[(2, True)] if compute == 2 or autocast else LAYER_BYTES[(4, False)]
     hidden, layers = arch.hidden_size, arch.num_hidden_layers
@@ -370,10 +407,10 @@ def _activation_per_token(arch, adapted: int, config: Config, dtype: torch.dtype
     if config.lora.dropout > 0:
         layer += share * (coeff.dropout_hidden * hidden + coeff.dropout_intermediate * intermediate)
     residual = 4 if upcast else compute
-    if config.train.gradient_checkpointing:
-        activations = layers * residual * hidden + layer  # each layer's input, and one layer recomputed
-    else:
-        activations = layers * layer
+    # A recomputed layer keeps only its input, and is recomputed when the backward pass reaches it; the first
+    # layers are the ones recomputed, so by then the kept layers' activations are gone: one layer's at a time.
+    kept = layers - checkpointed
+    activations = checkpointed * residual * hidden + max(kept, 1 if checkpointed else 0) * layer
     activations += 3 * residual * hidden  # embeddings, final norm, head input
     # Chunked, a token keeps only its hidden state for its chunk's recompute (one chunk's logits: Plan.loss_chunk_bytes)
     logits = hidden * compute if config.train.loss_chunk_tokens else arch.vocab_size * (compute + LOGITS_BYTES)
@@ -381,7 +418,7 @@ def _activation_per_token(arch, adapted: int, config: Config, dtype: torch.dtype
     return _PerToken(activations, logits, workspace)
 
 
-def flops_per_token(arch, model: nn.Module, config: Config) -> float:
+def flops_per_token(arch, model: nn.Module, config: Config, checkpointed: int = 0) -> float:
     """See `Plan.flops_per_token`. Attention over a causal window of seq_len tokens averages seq_len / 2 keys."""
     matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     heads = arch.num_attention_heads
@@ -389,7 +426,7 @@ def flops_per_token(arch, model: nn.Module, config: Config) -> float:
     attention = 2 * 2 * arch.num_hidden_layers * heads * head_dim * config.train.seq_len / 2  # QK^T and AV
     forward = 2 * matmul + attention
     backward = 2 * matmul + 2 * attention
-    return forward + backward + (forward if config.train.gradient_checkpointing else 0)
+    return forward + backward + forward * checkpointed / arch.num_hidden_layers
 
 
 # Measurements the plan is checked against (tests, scripts/plan_vs_measured.py).
@@ -432,11 +469,70 @@ def measured_saved_bytes(model, batch: torch.Tensor, autocast: bool) -> int:
     return sum(saved.values())
 
 
+class PeakBytes(TorchDispatchMode):
+    """The most bytes that tensors created inside this context held at once: every new storage an operator returns
+    counts until it is freed (forward, backward and recomputation alike, on any device). Not counted: what existed
+    before, such as the weights.
+
+        with PeakBytes() as peak:
+            loss(...).backward()
+        peak.bytes
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = self._live = 0
+        self._seen: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        given = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key, n = storage.data_ptr(), storage.nbytes()
+            if n and key not in given and key not in self._seen:  # new, not a view or an in-place result
+                self._seen.add(key)
+                self._live += n
+                self.bytes = max(self.bytes, self._live)
+                weakref.finalize(storage, self._freed, key, n)
+        return out
+
+    def _freed(self, key: int, n: int) -> None:
+        self._seen.discard(key)
+        self._live -= n
+
+
 def _capacity(config: Config, device: str) -> int | None:
     if config.train.memory_limit_gb is not None:
         return int(config.train.memory_limit_gb * GIB)
     if device == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    return None
+
+
+def _host_budget(config: Config, device: str) -> int | None:
+    """The memory a CPU run may use: train.memory_limit_gb, else the RAM available now less HOST_RESERVE, shared
+    by the processes of this machine."""
+    if device != "cpu":
+        return None
+    if config.train.memory_limit_gb is not None:
+        return int(config.train.memory_limit_gb * GIB)
+    available = _available_ram()
+    if available is None:
+        return None
+    return max(0, available - HOST_RESERVE) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def _available_ram() -> int | None:
+    """Linux's MemAvailable (free memory plus the page cache it can reclaim); None where it is not known."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return None
 
 
@@ -459,8 +555,8 @@ def describe(p: Plan, config: Config) -> str:
         ("LoRA gradients", "", p.gradient_bytes),
         ("optimizer state", config.optim.name.value + (" (paged: CUDA unified memory)" if p.optimizer_paged else ""),
          p.optimizer_bytes),
-        ("activations", f"micro batch {t.micro_batch_size} x seq_len {t.seq_len}, gradient checkpointing "
-                        f"{'on' if t.gradient_checkpointing else 'off'} (estimate)", p.activation_bytes),
+        ("activations", f"micro batch {t.micro_batch_size} x seq_len {t.seq_len}, {recomputed(p, config)} "
+                        "(estimate)", p.activation_bytes),
         ("logits and loss", (f"chunks of {t.loss_chunk_tokens} tokens, float32 (estimate)" if t.loss_chunk_tokens
                              else "all positions' float32 log-softmax and its gradients (estimate)"), p.logits_bytes),
         ("workspace", "dequantized weight, gradients in flight (estimate)", p.workspace_bytes),
@@ -477,6 +573,28 @@ def describe(p: Plan, config: Config) -> str:
                  f"largest micro batch at seq_len {t.seq_len}: {p.largest_micro_batch(t.seq_len)}; "
                  f"longest seq_len at micro batch {t.micro_batch_size}: {p.largest_seq_len(t.micro_batch_size)}")
     return "\n".join(lines)
+
+
+def checkpointed_layers(config: Config, device: str, known: Plan | None = None) -> int | None:
+    """How many decoder layers (the first ones) a run recomputes in backward: None for every one
+    (train.gradient_checkpointing=true), 0 for false, and for auto the plan's choice (`known` when given)."""
+    setting = config.train.gradient_checkpointing
+    if setting != AUTO:
+        return None if setting else 0
+    try:
+        p = known or plan(config, device)
+    except Exception as e:  # auto must not fail a run that gradient_checkpointing=true would train
+        log.warning("gradient checkpointing on every layer: the memory plan failed (%s)", str(e).splitlines()[0])
+        return None
+    log.info("gradient checkpointing: %s; planned peak %s", recomputed(p, config), gib(p.total_bytes))
+    return p.checkpointed_layers
+
+
+def recomputed(p: Plan, config: Config) -> str:
+    """Which layers gradient checkpointing recomputes, for people."""
+    setting = config.train.gradient_checkpointing
+    how = AUTO if setting == AUTO else f"gradient_checkpointing={str(setting).lower()}"
+    return f"{p.checkpointed_layers} of {p.layers} layers recomputed ({how})"
 
 
 def check_fits(config: Config, device: str) -> Plan | None:
@@ -503,8 +621,8 @@ def check_fits(config: Config, device: str) -> Plan | None:
             options.append(f"train.micro_batch_size={batch} (raise train.grad_accum_steps to keep the batch)")
         if seq:
             options.append(f"train.seq_len={seq}")
-        if not t.gradient_checkpointing:
-            options.append("train.gradient_checkpointing=true")
+        if p.checkpointed_layers < p.layers - 1:
+            options.append("train.gradient_checkpointing=auto")
         advice = "set " + " or ".join(options) if options else "use a smaller model"
     raise QloraError(f"the run needs about {gib(p.total_bytes)} of GPU memory and {gib(p.usable_bytes)} is usable "
                      f"(qlora plan shows the breakdown); {advice}, or train.check_memory=false to try anyway")

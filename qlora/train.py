@@ -36,6 +36,7 @@ from qlora.model import (
     QuantReport,
     check_model_config,
     compute_dtype,
+    enable_checkpointing,
     load_base_model,
     load_tokenizer,
     mixed_precision,
@@ -43,7 +44,7 @@ from qlora.model import (
     quant_report,
 )
 from qlora.optim import build_optimizer, build_scheduler
-from qlora.plan import check_fits
+from qlora.plan import check_fits, checkpointed_layers
 
 log = logging.getLogger(__name__)
 
@@ -193,9 +194,7 @@ def _run(config: Config, accelerator: Accelerator, resumed: checkpoint.Checkpoin
     base = _log_base(model, config, time.perf_counter() - t0)
     if config.quant.method.value != "none" and config.train.prepare_kbit:
         model = prepare_kbit(model, config.train.float32_embeddings, config.lora.modules_to_save)
-    if config.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    checkpointed = enable_checkpointing(model, checkpointed_layers(config, device.type, memory_plan))
     model.config.use_cache = False
 
     # LoRA
@@ -263,7 +262,7 @@ def _run(config: Config, accelerator: Accelerator, resumed: checkpoint.Checkpoin
         summary = {"parameters": parameters, "base_bytes": base.total_bytes if base else None,
                    "peak_memory_gb": peak_memory_gb(device), "seconds": time.perf_counter() - started,
                    "planned_memory_gb": memory_plan.total_bytes / 2**30 if memory_plan else None,
-                   "processes": accelerator.num_processes,
+                   "checkpointed_layers": checkpointed, "processes": accelerator.num_processes,
                    "global_batch": config.train.micro_batch_size * config.train.grad_accum_steps
                    * accelerator.num_processes}
         _save_results(out, model, adapter, samples, state, summary)
@@ -571,7 +570,7 @@ def _oom_message(config: Config, step: int) -> str:
     t = config.train
     advice = [f"train.micro_batch_size={t.micro_batch_size} (raise train.grad_accum_steps to keep the batch)",
               f"train.seq_len={t.seq_len}"]
-    if not t.gradient_checkpointing:
+    if t.gradient_checkpointing is not True:
         advice.append("or set train.gradient_checkpointing=true")
     return f"out of GPU memory in training step {step}; lower {', '.join(advice)}"
 

@@ -4,11 +4,14 @@ same model, data, hyperparameters and device. Prints a Markdown table of qlora /
     python scripts/bench.py --workload cpu --json bench_cpu.json     # 20 minutes on 2 CPU cores
     python scripts/bench.py --workload gpu --micro-batch 8 --longest --json bench_gpu.json
     python scripts/bench.py --workload tiny                          # seconds; what the tests run
+    python scripts/bench.py --qlora train.gradient_checkpointing=true  # a qlora setting against the same baseline
 
 The two sides:
 
   qlora     the framework as a user runs it: `compose_config(overrides)`, then `qlora.train.run(config)`. Its data
-            is packed (data.packing=true): rows of up to seq_len tokens holding several samples each.
+            is packed (data.packing=true): rows of up to seq_len tokens holding several samples each. Its gradient
+            checkpointing is its default, auto: layers are recomputed only as far as the memory plan says the
+            device needs (`--qlora train.gradient_checkpointing=true` recomputes every layer, as the baseline does).
   baseline  what artidoro/qlora and most tutorials do: `AutoModelForCausalLM.from_pretrained` with a
             `BitsAndBytesConfig` (nf4, double quant), `peft.prepare_model_for_kbit_training`, `peft.get_peft_model`,
             and a transformers `Trainer` (paged_adamw_8bit, activation checkpointing, length-grouped sampling,
@@ -173,7 +176,7 @@ def flops_per_token(arch, seq_len: int) -> float:
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(arch)
-    return plan_flops(arch, model, Config(train=TrainConfig(seq_len=seq_len, gradient_checkpointing=False)))
+    return plan_flops(arch, model, Config(train=TrainConfig(seq_len=seq_len)))
 
 
 def mfu(tokens_per_s: float, flops: float, peak_flops: float) -> float:
@@ -292,9 +295,11 @@ def build_model_folder(folder: Path, shape: Shape, corpus: Path, device: str) ->
         torch.cuda.empty_cache()
 
 
-def qlora_overrides(workload: Workload, model_dir: Path, data: Path, work: Path, output_dir: Path) -> list[str]:
+def qlora_overrides(workload: Workload, model_dir: Path, data: Path, work: Path, output_dir: Path,
+                    extra: tuple[str, ...] = ()) -> list[str]:
     """The qlora config of a measured run: the schema's QLoRA defaults (nf4-dq, paged_adamw_8bit, LoRA on all
-    linear layers, gradient checkpointing, packing), the workload's sizes, and nothing logged but metrics.jsonl."""
+    linear layers, gradient_checkpointing=auto, packing), the workload's sizes, and nothing logged but
+    metrics.jsonl; then `extra` (--qlora)."""
     return [
         f"model.name_or_path={model_dir}", "model.scratch=null",
         "data=alpaca-5000", f"data.path={data}", "data.packing=true",
@@ -303,15 +308,16 @@ def qlora_overrides(workload: Workload, model_dir: Path, data: Path, work: Path,
         f"optim.lr={workload.lr}", "optim.warmup_steps=0", "optim.schedule=constant",
         "optim.min_8bit_size=4096",  # bitsandbytes' default, which the Trainer's paged_adamw_8bit uses
         f"train.max_steps={workload.max_steps}", f"train.micro_batch_size={workload.micro_batch_size}",
-        "train.grad_accum_steps=1", f"train.seq_len={workload.seq_len}", "train.gradient_checkpointing=true",
+        "train.grad_accum_steps=1", f"train.seq_len={workload.seq_len}",
         "train.log_every_steps=1", "train.eval_every_steps=0", "train.save_every_steps=0", "train.sample_prompts=[]",
         "train.loggers=[]", "train.progress=false", "train.report=false",
-        f"cache_dir={work}", f"output_dir={output_dir}",
+        f"cache_dir={work}", f"output_dir={output_dir}", *extra,
     ]
 
 
 def baseline_settings(config) -> dict:
-    """The hyperparameters the baseline trains with, read from qlora's composed `config` (a qlora.config.Config)."""
+    """The hyperparameters the baseline trains with, read from qlora's composed `config` (a qlora.config.Config);
+    its activation checkpointing is the standard stack's, on every layer, whatever qlora's is."""
     targets = list(config.lora.target_modules)
     return {
         "lr": config.optim.lr, "schedule": config.optim.schedule.value, "warmup_steps": config.optim.warmup_steps,
@@ -319,7 +325,7 @@ def baseline_settings(config) -> dict:
         "max_grad_norm": config.optim.max_grad_norm, "optimizer": config.optim.name.value,
         "max_steps": config.train.max_steps, "micro_batch_size": config.train.micro_batch_size,
         "grad_accum_steps": config.train.grad_accum_steps, "seq_len": config.train.seq_len,
-        "gradient_checkpointing": config.train.gradient_checkpointing, "seed": config.seed,
+        "gradient_checkpointing": True, "seed": config.seed,
         "lora_r": config.lora.r, "lora_alpha": config.lora.alpha, "lora_dropout": config.lora.dropout,
         "target_modules": "all-linear" if targets == ["all-linear"] else targets,
         "double_quant": config.quant.double_quant, "quant_type": config.quant.method.value,
@@ -410,6 +416,7 @@ def measure_qlora(spec: dict, started: float) -> dict:
         "base_bytes": summary["base_bytes"],
         "quantized_params": report.quantized_params,
         "trainable_params": summary["parameters"]["trainable"],
+        "recomputed_layers": summary["checkpointed_layers"],
         "tokens_per_step": statistics.fmean(tokens[spec["warmup_steps"]:]),
         "steps": len(rows), "step_tokens": tokens, "step_seconds": seconds,
         "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"],
@@ -436,6 +443,7 @@ def measure_baseline(spec: dict, started: float) -> dict:
         TrainerCallback,
         TrainingArguments,
     )
+    from transformers.modeling_layers import GradientCheckpointingLayer
 
     from qlora.model import quant_report
 
@@ -513,6 +521,8 @@ def measure_baseline(spec: dict, started: float) -> dict:
         "base_bytes": report.total_bytes,
         "quantized_params": report.quantized_params,
         "trainable_params": model.get_nb_trainable_parameters()[0],
+        "recomputed_layers": sum(1 for m in model.modules() if isinstance(m, GradientCheckpointingLayer)
+                                 and m.gradient_checkpointing),
         "tokens_per_step": statistics.fmean(clock.tokens[spec["warmup_steps"]:]),
         "steps": len(clock.tokens), "step_tokens": clock.tokens, "step_seconds": clock.seconds,
         "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
@@ -578,9 +588,11 @@ def child(task: str, spec_path: Path, result_path: Path) -> None:
 class Bench:
     """One invocation: its working folder, the model built there, and the processes it runs."""
 
-    def __init__(self, work: Path, env: dict[str, str]) -> None:
+    def __init__(self, work: Path, env: dict[str, str], qlora_extra: tuple[str, ...] = ()) -> None:
         self.work = work
         self.env = env
+        self.qlora_extra = qlora_extra
+        """Overrides added to qlora's config (--qlora)."""
         self.model_dir = work / "model"
         self.count = 0
 
@@ -605,7 +617,7 @@ class Bench:
         """One run of `side`: qlora composed from `workload` on `data`; the baseline on the sequences saved at
         `dataset` with `settings`. A --longest `probe` holds out no eval split and skips qlora's memory check."""
         out = self.work / "runs" / f"{self.count + 1:03d}-{side}"
-        overrides = qlora_overrides(workload, self.model_dir, data, self.work, out)
+        overrides = qlora_overrides(workload, self.model_dir, data, self.work, out, self.qlora_extra)
         if probe:
             overrides += ["data.eval_fraction=0", "train.check_memory=false"]
         return self.run(side, {"overrides": overrides, "settings": settings, "model_dir": str(self.model_dir),
@@ -616,7 +628,8 @@ class Bench:
         """`data` tokenized for `workload` (see `tokenize_for_both`): the baseline's dataset folder and settings,
         and the number of training sequences."""
         dataset = self.work / f"{data.stem}-{workload.seq_len}"
-        overrides = qlora_overrides(workload, self.model_dir, data, self.work, self.work / "runs" / "unused")
+        overrides = qlora_overrides(workload, self.model_dir, data, self.work, self.work / "runs" / "unused",
+                                    self.qlora_extra)
         settings, sequences = tokenize_for_both(overrides + (["data.eval_fraction=0"] if probe else []), dataset)
         return dataset, settings, sequences
 
@@ -677,6 +690,10 @@ def table(report: dict) -> str:
             return f"| {label} | n/a | n/a | n/a |"
         return f"| {label} | {' | '.join(each(figure, fmt))} | {ratios[figure]:.{digits}f} |"
 
+    def recomputed(side: str) -> str:
+        counts = sorted({r["recomputed_layers"] for r in runs[side]})
+        return f"{' / '.join(map(str, counts))} of {shape['num_hidden_layers']}"
+
     versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
     if report["code_changed_during_run"]:
         versions += " (qlora/ or configs/ changed during the run)"
@@ -690,12 +707,16 @@ def table(report: dict) -> str:
         f"Training: seq_len {w['seq_len']}, micro batch {w['micro_batch_size']}, {w['max_steps']} steps "
         f"(the first {w['warmup_steps']} not timed), LoRA r={report['settings']['lora_r']} "
         f"alpha={report['settings']['lora_alpha']:g} dropout={report['settings']['lora_dropout']:g} on all linear "
-        f"layers, paged_adamw_8bit lr {report['settings']['lr']:g}, gradient checkpointing; "
-        f"{w['repeats']} alternating runs per side (median, then each run in brackets)",
+        f"layers, paged_adamw_8bit lr {report['settings']['lr']:g}; "
+        f"{w['repeats']} alternating runs per side (median, then each run in brackets)"
+        + (f"; qlora also with {' '.join(report['qlora_overrides'])}" if report["qlora_overrides"] else ""),
         "",
         "| figure | qlora | baseline | qlora / baseline |",
         "| --- | --- | --- | --- |",
         "| data | packed rows (data.packing=true) | padded to the longest in the batch, length-grouped | |",
+        f"| decoder layers recomputed in backward (qlora: train.gradient_checkpointing, auto unless overridden) | "
+        f"{recomputed('qlora')} | "
+        f"{recomputed('baseline')} | |",
         row("tokens per second (non-padding, steady state)", "tokens_per_s", lambda v: f"{v:,.0f}"),
         row("tokens per second, least disturbed steps (90th percentile of steps)", "tokens_per_s_p90",
             lambda v: f"{v:,.0f}"),
@@ -781,6 +802,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="auto: the GPU when there is one")
     parser.add_argument("--data", type=Path, default=SHARED_DATA, help="an Alpaca-layout JSON file")
     parser.add_argument("--json", type=Path, help="also write every figure here")
+    parser.add_argument("--qlora", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for the qlora side (and what the baseline reads from its config), "
+                             "e.g. train.gradient_checkpointing=true; repeatable")
     parser.add_argument("--longest", action="store_true", help="also find each side's longest seq_len at batch 1")
     parser.add_argument("--max-seq-len", type=int, help="upper end of the --longest search (default: the workload's)")
     parser.add_argument("--granularity", type=int, default=256, help="--longest resolution in tokens (default 256)")
@@ -822,7 +846,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="qlora-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        report = benchmark(Bench(work.resolve(), env), workload, args, data, cuda)
+        report = benchmark(Bench(work.resolve(), env, tuple(args.qlora)), workload, args, data, cuda)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -868,6 +892,7 @@ def benchmark(bench: Bench, workload: Workload, args: argparse.Namespace, data: 
         "parameters": arch_parameters(arch),
         "vocab_size": arch.vocab_size,
         "settings": settings,
+        "qlora_overrides": list(bench.qlora_extra),
         "flops_per_token": flops,
         "peak_flops": peak,
         "runs": runs,

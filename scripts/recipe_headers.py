@@ -4,9 +4,12 @@
     python scripts/recipe_headers.py           # rewrite the headers
     python scripts/recipe_headers.py --check   # exit 1 if a header differs from what the plan says
 
-memory: the plan's estimated peak on a GPU with bfloat16 (the recipe as written). time: for GPU recipes, the
-training FLOPs (frozen-base basis, see qlora.plan.flops_per_token) at an assumed 30% model FLOPs utilisation of
-an H200's 989 dense bf16 TFLOP/s: an estimate, not a measurement. Demo recipes keep their measured CPU times.
+memory: the plan's estimated peak on a GPU with bfloat16 (the recipe as written) when memory is short: the least
+the recipe needs, with train.gradient_checkpointing=auto recomputing every layer it can; on a larger GPU auto
+recomputes fewer and uses more. time: for GPU recipes, the training FLOPs (frozen-base basis, see
+qlora.plan.flops_per_token, with the layers auto recomputes on an H200's 139 GiB) at an assumed 30% model FLOPs
+utilisation of an H200's 989 dense bf16 TFLOP/s: an estimate, not a measurement. Demo recipes keep their measured
+CPU times.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from qlora.plan import gib, plan
 from qlora.recipes import read_header, set_header_field
 
 H200_BF16_FLOPS = 989e12
+H200_MEMORY_GIB = 139  # as torch.cuda reports it
 ASSUMED_MFU = 0.30
 DEMO_TIMES = {  # measured on the 2-core CPU this project is developed on
     "default": "about 1 min on a 2-core CPU",
@@ -35,8 +39,10 @@ def header_values(name: str) -> dict[str, str]:
         values["time"] = DEMO_TIMES[name]
     else:
         t = config.train
-        tokens = t.max_steps * t.grad_accum_steps * estimate.tokens
-        hours = tokens * estimate.flops_per_token / (H200_BF16_FLOPS * ASSUMED_MFU) / 3600
+        on_h200 = plan(compose_config([f"recipe={name}", "output_dir=unused",
+                                       f"train.memory_limit_gb={H200_MEMORY_GIB}"]), "cuda")
+        tokens = t.max_steps * t.grad_accum_steps * on_h200.tokens
+        hours = tokens * on_h200.flops_per_token / (H200_BF16_FLOPS * ASSUMED_MFU) / 3600
         values["time"] = f"~{hours:.1f} h on an H200 (estimated)"
     return values
 

@@ -97,13 +97,21 @@ def test_bad_overrides_name_the_key_and_the_choices(override, expected, tmp_path
 
 def test_validation_reports_every_problem_at_once(tmp_path):
     config = compose_config(["lora.r=0", "optim.lr=-1", "train.seq_len=0", "quant=int8", "quant.double_quant=true",
-                                f"output_dir={tmp_path}"])
+                             "train.gradient_checkpointing=sometimes", f"output_dir={tmp_path}"])
     with pytest.raises(ConfigError) as e:
         validate(config)
     text = "\n".join(e.value.problems)
-    assert len(e.value.problems) == 4, text
+    assert len(e.value.problems) == 5, text
     for key in ("lora.r", "optim.lr", "train.seq_len", "quant.double_quant"):
         assert key in text
+    assert "train.gradient_checkpointing must be auto, true or false (got sometimes)" in text
+
+
+@pytest.mark.parametrize("value,expected", [("auto", "auto"), ("true", True), ("false", False)])
+def test_gradient_checkpointing_takes_auto_true_or_false(value, expected, tmp_path):
+    config = compose_config([f"train.gradient_checkpointing={value}", f"output_dir={tmp_path}"])
+    validate(config)
+    assert config.train.gradient_checkpointing == expected
 
 
 def test_missing_local_paths_fail_validation(tmp_path):

@@ -14,9 +14,19 @@ from qlora import demo
 from qlora.composition import compose_config
 from qlora.errors import QloraError
 from qlora.lora import attach_lora
-from qlora.model import load_base_model, prepare_kbit, quant_report
+from qlora.loss import CausalLMLoss
+from qlora.model import enable_checkpointing, load_base_model, prepare_kbit, quant_report
 from qlora.optim import build_optimizer
-from qlora.plan import check_fits, measured_saved_bytes, measured_state_bytes, plan
+from qlora.plan import (
+    AUTO_SHARE,
+    CUDA_RESERVE,
+    GIB,
+    PeakBytes,
+    check_fits,
+    measured_saved_bytes,
+    measured_state_bytes,
+    plan,
+)
 from tests.conftest import REPO, qlora_cli
 
 CPU = torch.device("cpu")
@@ -100,6 +110,44 @@ def test_gradient_checkpointing_plans_for_layer_inputs_plus_one_layer(tiny_confi
     assert on.activation_bytes < off.activation_bytes
     assert on.activation_bytes - outside - layers * 4 * hidden * on.tokens == pytest.approx(
         (off.activation_bytes - outside) / layers, abs=2)
+
+
+def test_peak_with_some_layers_recomputed_is_within_10_percent_of_the_plan(tiny_config, cache_dir):
+    """Every tensor a training step creates, counted until it is freed, against the plan's per-step part."""
+    config = tiny_config(*OTHER_SHAPE, f"model.scratch.path={cache_dir}/tiny192", "train.micro_batch_size=2",
+                         "train.seq_len=256", "lora.dropout=0.1")
+    peaks = []
+    for checkpointed in range(4):  # none, the first one, two (auto's most for three layers), all three
+        base = _prepared_base(config)
+        enable_checkpointing(base, checkpointed)
+        loss = CausalLMLoss(attach_lora(base, config.lora), config.train.loss_chunk_tokens).train()
+        batch = torch.randint(0, base.config.vocab_size, (config.train.micro_batch_size, config.train.seq_len))
+        loss(input_ids=batch, labels=batch).backward()  # the gradients exist from here on: measure a later step
+        with PeakBytes() as peak:
+            loss(input_ids=batch, labels=batch).backward()
+        estimate = plan(config, "cpu", checkpointed)
+        planned = estimate.activation_bytes + estimate.logits_bytes + estimate.workspace_bytes
+        assert planned == pytest.approx(peak.bytes, rel=0.10), checkpointed
+        peaks.append(peak.bytes)
+    assert peaks[0] > peaks[1] > peaks[2]
+    assert peaks[3] >= peaks[2]  # recomputing the last layer too saves nothing
+
+
+def test_auto_recomputes_the_fewest_layers_that_fit(tiny_config, cache_dir):
+    shape = [*OTHER_SHAPE, f"model.scratch.path={cache_dir}/tiny192", "train.micro_batch_size=8",
+             "train.seq_len=512"]
+    demo.prepare_assets(tiny_config(*shape))
+    each = [plan(tiny_config(*shape), "cuda", k) for k in range(3)]
+    assert each[0].total_bytes > each[1].total_bytes > each[2].total_bytes
+    for k, fitting in enumerate(each):
+        limit = (fitting.total_bytes / AUTO_SHARE + CUDA_RESERVE) / GIB + 1e-6
+        chosen = plan(tiny_config(*shape, f"train.memory_limit_gb={limit!r}"), "cuda")
+        assert (chosen.checkpointed_layers, chosen.fits) == (k, True)
+        assert chosen.total_bytes == fitting.total_bytes
+    assert plan(tiny_config(*shape, "train.memory_limit_gb=1000"), "cuda").checkpointed_layers == 0
+    too_small = plan(tiny_config(*shape, "train.memory_limit_gb=1.0"), "cuda")
+    assert (too_small.checkpointed_layers, too_small.fits) == (2, False)
+    assert plan(tiny_config(*shape, "train.gradient_checkpointing=true"), "cuda").checkpointed_layers == 3
 
 
 def test_largest_micro_batch_and_seq_len_fit_and_one_more_does_not(tiny_config):

@@ -62,3 +62,19 @@ def test_trained_embeddings_stay_float32(tiny_config, tmp_path):
     head = result.model.get_base_model().get_output_embeddings()
     assert all(p.dtype == torch.float32 for p in head.parameters())
     assert result.model.get_base_model().get_input_embeddings().weight.dtype == torch.bfloat16
+
+
+def test_recomputing_some_layers_trains_as_recomputing_none_or_all(tiny_config, tmp_path):
+    """Gradient checkpointing changes what is kept, not what is computed: with LoRA dropout on, the recomputed
+    forward draws the same masks. The memory limit makes auto recompute one of the tiny model's two layers."""
+    settings = {"none": ["train.gradient_checkpointing=false"], "all": ["train.gradient_checkpointing=true"],
+                "auto": ["train.gradient_checkpointing=auto", "train.memory_limit_gb=0.001"]}
+    runs = {name: run(tiny_config(*STEPS, "lora.dropout=0.1", *extra, output_dir=tmp_path / name))
+            for name, extra in settings.items()}
+    recomputed = {name: [layer.gradient_checkpointing for layer in r.model.get_base_model().model.layers]
+                  for name, r in runs.items()}
+    assert recomputed == {"none": [False, False], "all": [True, True], "auto": [True, False]}
+    for name in ("all", "auto"):
+        assert losses(runs[name]) == losses(runs["none"])
+        for key, value in adapter(runs["none"]).items():
+            torch.testing.assert_close(adapter(runs[name])[key], value, rtol=0, atol=0)
