@@ -50,6 +50,7 @@ HARMLESS_KEYS = frozenset({
     "train.keep_checkpoints", "train.on_nonfinite_loss",
     "train.loss_chunk_tokens",  # the same loss, summed in another order
     "train.gradient_checkpointing",  # recomputed activations are the same activations (dropout masks included)
+    "train.per_sample_attention",  # the same attention, without the masked-out scores
     # How processes share the work does not change what a step computes (the process count is checked apart).
     "dist.strategy", "dist.cpu_offload", "dist.timeout_minutes",
 })

@@ -340,6 +340,10 @@ class TrainConfig:
     """Apply the output embeddings and the cross-entropy to this many trained positions at a time, recomputing each
     chunk's logits in backward: the whole [tokens, vocab] float32 logits (gigabytes for a 128k vocabulary) never
     exist, and prompt and padding positions get no logits at all. 0: the model's full logits."""
+    per_sample_attention: bool = True
+    """With data.packing and sdpa attention: compute each packed sample's attention on its own (causal within the
+    sample; on a GPU in bf16 / fp16 torch's variable-length flash attention) instead of over the whole row under a
+    block-diagonal mask, which scores every pair of the row's tokens and discards most. false: the mask."""
     mixed_precision: MixedPrecision = MixedPrecision.auto
     """accelerate autocast: auto is bf16 on a GPU that supports it, else no."""
     num_workers: int = 0

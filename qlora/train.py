@@ -25,6 +25,7 @@ from accelerate import Accelerator
 
 from qlora import checkpoint, demo, distributed, hub, runfolder
 from qlora import data as qdata
+from qlora.attention import use_per_sample_sdpa
 from qlora.config import Config, DistStrategy, OnNonFinite, validate
 from qlora.errors import ConfigError, QloraError
 from qlora.evaluation import perplexity, score, scored_tokens
@@ -192,6 +193,8 @@ def _run(config: Config, accelerator: Accelerator, resumed: checkpoint.Checkpoin
     model = load_base_model(config.model, config.quant, device,
                             distributed.storage_dtype(config.dist, compute_dtype(config.quant, device)))
     base = _log_base(model, config, time.perf_counter() - t0)
+    if config.data.packing and config.train.per_sample_attention and use_per_sample_sdpa(model):
+        log.info("attention: per packed sample (train.per_sample_attention)")
     if config.quant.method.value != "none" and config.train.prepare_kbit:
         model = prepare_kbit(model, config.train.float32_embeddings, config.lora.modules_to_save)
     checkpointed = enable_checkpointing(model, checkpointed_layers(config, device.type, memory_plan))
@@ -606,8 +609,8 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, de
 def check_packed_attention(model, batch: dict, device: torch.device) -> None:
     """Refuse to train packed if the model's attention lets a packed sample see the one before it.
 
-    The second sample of a packed row must give the same logits as on its own. The same row with a plain
-    causal mask (what attention that ignores position-id restarts computes) sets the scale of a leak.
+    The second sample of a packed row must give the same logits as on its own. The same row as one sequence
+    (what attention that ignores where samples start computes) sets the scale of a leak.
     """
     positions = batch["position_ids"][0]
     starts = (positions == 0).nonzero().flatten().tolist()
@@ -620,16 +623,15 @@ def check_packed_attention(model, batch: dict, device: torch.device) -> None:
     model.eval()
     packed = model(input_ids=ids, position_ids=pos, use_cache=False).logits[0, starts[1]:end].float()
     alone = model(input_ids=ids[:, starts[1]:end], use_cache=False).logits[0].float()
-    leaky = model(input_ids=ids, position_ids=pos, attention_mask=torch.ones_like(ids),
-                  use_cache=False).logits[0, starts[1]:end]
+    leaky = model(input_ids=ids, use_cache=False).logits[0, starts[1]:end]
     model.train(was_training)
     error, leak = (packed - alone).abs().max().item(), (leaky.float() - alone).abs().max().item()
     log.info("packing: a packed sample's logits match it alone to %.2g (a leak across samples would be %.2g)",
              error, leak)
     if error > max(0.1 * leak, 1e-5):
         raise QloraError(f"attention implementation {model.config._attn_implementation!r} lets packed samples "
-                         "attend to each other; use model.attn_implementation=sdpa (or eager, flash_attention_2) "
-                         "or set data.packing=false")
+                         "attend to each other; use model.attn_implementation=sdpa (or eager, flash_attention_2), "
+                         "train.per_sample_attention=false, or data.packing=false")
 
 
 def _batches(loader, sampler: qdata.LengthGroupedBatches, state: TrainState):

@@ -61,3 +61,23 @@ def test_out_of_memory_in_training_names_the_settings_to_lower(tmp_path):
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.empty_cache()
     assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_per_sample_attention_on_cuda_is_the_masked_attention():
+    """bf16 on CUDA takes torch's variable-length flash attention: the same logits as SDPA under the mask."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from qlora.attention import use_per_sample_sdpa
+    from tests.test_attention import packed_batch
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").cuda().to(torch.bfloat16)
+    batch = packed_batch()
+    inputs = {"input_ids": batch["input_ids"].cuda(), "position_ids": batch["position_ids"].cuda(), "use_cache": False}
+    with torch.no_grad():
+        masked = model(**inputs).logits.float()
+        assert use_per_sample_sdpa(model)
+        per_sample = model(**inputs).logits.float()
+    torch.testing.assert_close(per_sample, masked, rtol=0, atol=0.05)  # bf16: kernels round differently
