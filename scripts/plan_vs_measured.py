@@ -16,13 +16,12 @@ import argparse
 import tempfile
 
 import torch
-from peft import prepare_model_for_kbit_training
 
 from qlora import demo
 from qlora.composition import compose_config
 from qlora.lora import attach_lora
 from qlora.loss import CausalLMLoss
-from qlora.model import enable_checkpointing, load_base_model, quant_report
+from qlora.model import enable_checkpointing, load_base_model, prepare_kbit, quant_report
 from qlora.optim import build_optimizer
 from qlora.plan import PeakBytes, gib, measured_saved_bytes, measured_state_bytes, plan
 
@@ -50,8 +49,7 @@ def main() -> None:
         config = compose_config([f"cache_dir={args.cache}", f"model.scratch.path={args.cache}/m",
                                  f"output_dir={args.cache}/r", *SHAPE, *overrides])
         demo.prepare_assets(config)
-        base = prepare_model_for_kbit_training(load_base_model(config.model, config.quant, CPU),
-                                               use_gradient_checkpointing=False)
+        base = prepared_base(config)
         base_bytes = quant_report(base).total_bytes
         model = attach_lora(base, config.lora)
         model.train()
@@ -70,6 +68,12 @@ def main() -> None:
     recomputation(args.cache)
 
 
+def prepared_base(config):
+    """The base as `qlora train` prepares it (peft's k-bit preparation, embeddings kept in the compute dtype)."""
+    model = load_base_model(config.model, config.quant, CPU)
+    return prepare_kbit(model, config.train.float32_embeddings, config.lora.modules_to_save)
+
+
 def recomputation(cache: str) -> None:
     """Plan against measured per-step peak for 0..L recomputed layers (float32, LoRA dropout 0.1)."""
     config = compose_config([f"cache_dir={cache}", f"model.scratch.path={cache}/m4", f"output_dir={cache}/r", *SHAPE,
@@ -80,8 +84,7 @@ def recomputation(cache: str) -> None:
     print(f"\n| decoder layers recomputed (of {layers}) | per-step peak (plan / measured) | ratio |")
     print("| --- | --- | --- |")
     for checkpointed in range(layers + 1):
-        base = prepare_model_for_kbit_training(load_base_model(config.model, config.quant, CPU),
-                                               use_gradient_checkpointing=False)
+        base = prepared_base(config)
         enable_checkpointing(base, checkpointed)
         loss = CausalLMLoss(attach_lora(base, config.lora), config.train.loss_chunk_tokens).train()
         batch = torch.randint(0, base.config.vocab_size, (config.train.micro_batch_size, config.train.seq_len))
