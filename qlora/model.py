@@ -156,7 +156,7 @@ def enable_checkpointing(model: nn.Module, layers: int | None) -> int | None:
 
     blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     count = len(blocks) if layers is None else min(layers, len(blocks))
-    if layers == 0 or (blocks and count == 0):
+    if layers == 0:
         return 0
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()

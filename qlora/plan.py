@@ -204,6 +204,9 @@ def plan(config: Config, device: str = "cuda", checkpointed: int | None = None) 
     largest = max((m.in_features * m.out_features for m in quantized.values()), default=0)
     dequantized = largest * torch.finfo(dtype).bits // 8
     layers = arch.num_hidden_layers
+    parameters = sum(p.numel() for p in model.parameters())
+    quantized_parameters = sum(m.weight.numel() for m in quantized.values())
+    trainable_bytes = sum(_nbytes(p) for p in trainable)
 
     def with_checkpointing(checkpointed: int) -> Plan:
         per_token = _activation_per_token(arch, len(adapted), config, dtype, autocast, upcast, checkpointed)
@@ -211,12 +214,12 @@ def plan(config: Config, device: str = "cuda", checkpointed: int | None = None) 
             model=config.model.name_or_path,
             device=device,
             dtype=str(dtype).removeprefix("torch."),
-            parameters=sum(p.numel() for p in model.parameters()),
-            quantized_parameters=sum(m.weight.numel() for m in quantized.values()),
+            parameters=parameters,
+            quantized_parameters=quantized_parameters,
             base_bytes=base,
             trainable_parameters=sum(p.numel() for p in trainable),
-            trainable_bytes=sum(_nbytes(p) for p in trainable),
-            gradient_bytes=sum(_nbytes(p) for p in trainable),
+            trainable_bytes=trainable_bytes,
+            gradient_bytes=trainable_bytes,
             optimizer_bytes=optimizer,
             optimizer_paged=config.optim.name.value.startswith("paged_") and device == "cuda",
             activation_bytes=int(per_token.activations * tokens),
@@ -232,9 +235,9 @@ def plan(config: Config, device: str = "cuda", checkpointed: int | None = None) 
             max_positions=getattr(arch, "max_position_embeddings", None),
         )
 
-    setting = config.train.gradient_checkpointing
     if checkpointed is not None:
         return with_checkpointing(checkpointed)
+    setting = config.train.gradient_checkpointing
     if setting != AUTO:
         return with_checkpointing(layers if setting else 0)
     # Recomputing the last layer too never lowers the peak (its backward needs its activations at once).
