@@ -69,12 +69,13 @@ def test_any_change_that_alters_the_tokens_misses_the_cache(data_file, tokenizer
     assert not hit
 
 
-def test_an_unreadable_cache_is_rebuilt(data_file, tokenizer, tmp_path, caplog):
+@pytest.mark.parametrize("damaged", ["stats.json", "examples.arrow"])
+def test_an_unreadable_cache_is_rebuilt(data_file, tokenizer, tmp_path, caplog, damaged):
     cfg = DataConfig(path=str(data_file))
     cache = tmp_path / "cache"
     first, _, _ = run(data_file, cfg, tokenizer, cache, caplog)
     [folder] = cache.iterdir()
-    (folder / "stats.json").write_text("{not json")
+    (folder / damaged).write_bytes((folder / damaged).read_bytes()[:40])  # cut short, as by a full disk
     again, _, hit = run(data_file, cfg, tokenizer, cache, caplog)
     assert not hit and "unreadable" in caplog.text
     assert [e.input_ids.tolist() for e in again] == [e.input_ids.tolist() for e in first]

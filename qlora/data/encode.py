@@ -26,7 +26,7 @@ from qlora.errors import QloraError
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-ENCODING_VERSION = "2"  # bump when the encoding below changes, so cached tokens are never reused across versions
+ENCODING_VERSION = "3"  # bump when the encoding below changes, so cached tokens are never reused across versions
 
 
 @dataclass
@@ -202,14 +202,23 @@ def _raise_problems(source: Source, problems: list[tuple[int, str]], fix: str) -
 
 
 def _store(folder: Path, examples: list[Example], stats: DataStats) -> None:
-    """Save as a datasets Arrow folder plus stats.json, atomically (stats.json last marks it complete)."""
-    from datasets import Dataset
+    """Save as one Arrow file (examples.arrow: token ids, labels and record of each example) plus stats.json,
+    atomically (stats.json last marks it complete). pyarrow alone reads it back: no `datasets` import."""
+    import pyarrow as pa
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        Dataset.from_dict({"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples],
-                           "record": [e.record for e in examples]}).save_to_disk(str(staging / "examples"))
+        offsets = pa.array(np.cumsum([0, *(len(e) for e in examples)]), type=pa.int64())
+
+        def tokens(field: str) -> pa.Array:
+            values = np.concatenate([getattr(e, field) for e in examples]) if examples else np.zeros(0, np.int64)
+            return pa.LargeListArray.from_arrays(offsets, pa.array(values, type=pa.int64()))
+
+        table = pa.table({"input_ids": tokens("input_ids"), "labels": tokens("labels"),
+                          "record": pa.array([e.record for e in examples], type=pa.int64())})
+        with pa.OSFile(str(staging / "examples.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
         (staging / "stats.json").write_text(json.dumps(asdict(stats)))
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(staging, folder)
@@ -219,9 +228,10 @@ def _store(folder: Path, examples: list[Example], stats: DataStats) -> None:
 
 
 def _load(folder: Path) -> tuple[list[Example], DataStats]:
-    from datasets import load_from_disk
+    import pyarrow as pa
 
-    table = load_from_disk(str(folder / "examples")).data.table
+    with pa.OSFile(str(folder / "examples.arrow")) as source:
+        table = pa.ipc.open_file(source).read_all()  # read into memory: nothing refers to the file afterwards
     columns = {}
     for name in ("input_ids", "labels"):
         array = table.column(name).combine_chunks()
