@@ -19,6 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # torch < 2.9
+    varlen_attn = None
+
 PER_SAMPLE_SDPA = "qlora_per_sample_sdpa"
 
 _segments_of: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -54,9 +59,7 @@ def per_sample_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     gqa = key.shape[1] != heads
     q, k, v = (t.transpose(1, 2).reshape(batch * tokens, t.shape[1], dim) for t in (query, key, value))
     bounds, longest = segments
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and dropout == 0.0 and _has_varlen():
-        from torch.nn.attention.varlen import varlen_attn
-
+    if varlen_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and dropout == 0.0:
         cu = torch.tensor(bounds, dtype=torch.int32, device=q.device)
         out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling, window_size=(-1, 0), enable_gqa=gqa)
     else:
@@ -92,11 +95,3 @@ def _packed_segments(position_ids: torch.Tensor | None, query: torch.Tensor,
             bounds = [*starts.flatten().nonzero().flatten().tolist(), batch * tokens]
             _segments_of[position_ids] = bounds, max(e - s for s, e in zip(bounds[:-1], bounds[1:], strict=True))
     return _segments_of[position_ids]
-
-
-def _has_varlen() -> bool:
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401  (torch >= 2.9)
-    except ImportError:
-        return False
-    return True

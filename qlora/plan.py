@@ -243,7 +243,7 @@ def plan(config: Config, device: str = "cuda", checkpointed: int | None = None) 
     # Recomputing the last layer too never lowers the peak (its backward needs its activations at once).
     candidates = [with_checkpointing(k) for k in range(max(layers - 1, 0) + 1)]
     leanest = candidates[-1]
-    budget = leanest.usable_bytes if leanest.usable_bytes is not None else _host_budget(config, device)
+    budget = leanest.usable_bytes if leanest.usable_bytes is not None else _host_budget(device)
     chosen = leanest if budget is None else \
         next((c for c in candidates if c.total_bytes <= AUTO_SHARE * budget), leanest)
     return replace(chosen, least_per_token_bytes=leanest.per_token_bytes)
@@ -515,13 +515,11 @@ def _capacity(config: Config, device: str) -> int | None:
     return None
 
 
-def _host_budget(config: Config, device: str) -> int | None:
-    """The memory a CPU run may use: train.memory_limit_gb, else the RAM available now less HOST_RESERVE, shared
+def _host_budget(device: str) -> int | None:
+    """The memory a CPU run without train.memory_limit_gb may use: the RAM available now less HOST_RESERVE, shared
     by the processes of this machine."""
     if device != "cpu":
         return None
-    if config.train.memory_limit_gb is not None:
-        return int(config.train.memory_limit_gb * GIB)
     available = _available_ram()
     if available is None:
         return None

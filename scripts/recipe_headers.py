@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from qlora.composition import compose_config, recipe_paths
@@ -39,8 +40,7 @@ def header_values(name: str) -> dict[str, str]:
         values["time"] = DEMO_TIMES[name]
     else:
         t = config.train
-        on_h200 = plan(compose_config([f"recipe={name}", "output_dir=unused",
-                                       f"train.memory_limit_gb={H200_MEMORY_GIB}"]), "cuda")
+        on_h200 = plan(replace(config, train=replace(t, memory_limit_gb=H200_MEMORY_GIB)), "cuda")
         tokens = t.max_steps * t.grad_accum_steps * on_h200.tokens
         hours = tokens * on_h200.flops_per_token / (H200_BF16_FLOPS * ASSUMED_MFU) / 3600
         values["time"] = f"~{hours:.1f} h on an H200 (estimated)"
