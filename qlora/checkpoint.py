@@ -44,10 +44,11 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 # Keys that may differ between a checkpoint's config and the resumed run's without changing what is computed.
 HARMLESS_KEYS = frozenset({
     "output_dir", "overwrite", "resume", "force_resume", "debug", "cache_dir", "data.cache",
-    "train.max_steps", "train.eval_every_steps", "train.eval_max_batches", "train.log_every_steps",
-    "train.num_workers", "train.sample_prompts", "train.max_new_tokens", "train.progress", "train.loggers",
-    "train.project", "train.report", "train.check_memory", "train.memory_limit_gb", "train.save_every_steps",
-    "train.keep_checkpoints", "train.on_nonfinite_loss",
+    "train.max_steps", "train.eval_every_steps", "train.eval_max_sequences", "train.log_every_steps",
+    "train.eval_max_batches",  # an earlier version's name for the eval bound
+    "train.num_workers", "train.sample_prompts", "train.samples_from_eval", "train.max_new_tokens", "train.progress",
+    "train.loggers", "train.project", "train.report", "train.check_memory", "train.memory_limit_gb",
+    "train.save_every_steps", "train.keep_checkpoints", "train.on_nonfinite_loss",
     "train.loss_chunk_tokens",  # the same loss, summed in another order
     "train.gradient_checkpointing",  # recomputed activations are the same activations (dropout masks included)
     "train.per_sample_attention",  # the same attention, without the masked-out scores

@@ -168,14 +168,11 @@ def data_preview(args: list[str]) -> int:
     try:
         config = _validated_config(options.overrides)
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
-        from qlora import data, demo, hub
+        from qlora import data
         from qlora.data.preview import preview
-        from qlora.model import load_tokenizer
 
-        hub.prepare(hub.hub_ids(config))
-        demo.prepare_assets(config)
-        tokenizer = load_tokenizer(config.model)
-        data.use_chat_template(config.data, tokenizer)
+        tokenizer = _tokenizer(config)
+        config = _with_seq_len(config, tokenizer)
         tokenized = data.load(config.data, tokenizer, config.train.seq_len, config.seed,
                               Path(config.cache_dir).expanduser())
         preview(config, tokenizer, tokenized, options.samples)
@@ -205,6 +202,8 @@ def plan(args: list[str]) -> int:
         from qlora import plan as planning
 
         config = _validated_config(options.overrides)
+        if config.train.seq_len == "auto":  # chosen from the data's lengths, as `qlora train` chooses it
+            config = _with_seq_len(config, _tokenizer(config))
         device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
         print(planning.describe(planning.plan(config, device), config))
     except QloraError as e:
@@ -219,7 +218,9 @@ def train(args: list[str]) -> int:
         extra = _preflight(args)
     except QloraError as e:
         return _report(e, _debug(args))
-    return _hydra_train([*args, *extra])
+    # Among the user's overrides: argparse takes the overrides as one run of positionals.
+    first = next((i for i, a in enumerate(args) if "=" in a and not a.startswith("-")), len(args))
+    return _hydra_train([*args[:first], *extra, *args[first:]])
 
 
 def _preflight(args: list[str]) -> list[str]:
@@ -231,7 +232,7 @@ def _preflight(args: list[str]) -> list[str]:
     from hydra._internal.utils import get_args_parser  # Hydra's own command-line grammar
 
     from qlora import checkpoint
-    from qlora.composition import compose_config, expand_sweeps, parse_overrides
+    from qlora.composition import choose_recipe, compose_config, expand_sweeps, parse_overrides
     from qlora.config import validate
     from qlora.errors import ConfigError
     from qlora.runfolder import check_output_dir
@@ -242,7 +243,15 @@ def _preflight(args: list[str]) -> list[str]:
     overrides = parse_overrides(parsed.overrides)
     fixed = [o.key_or_group for o in overrides if not o.is_sweep_override()]
     runs = expand_sweeps(overrides) if parsed.multirun else [parsed.overrides]
-    extra = []
+    chosen = {choose_recipe(run) for run in runs}
+    if len(chosen) > 1:
+        raise ConfigError("the sweep mixes the demo's model with models of your own, which get different recipes; "
+                          "name one with recipe=NAME")
+    recipe = chosen.pop()
+    if recipe is not None:
+        print(f"qlora: recipe={recipe} (the model is not the demo's, so no demo settings; recipe=NAME picks another)",
+              file=sys.stderr)
+    extra = [f"recipe={recipe}"] if recipe else []
     for run in runs:
         config = compose_config(run)
         if parsed.cfg:  # printing the config: types and keys checked above, nothing will run
@@ -252,11 +261,12 @@ def _preflight(args: list[str]) -> list[str]:
             if config.resume == "auto":
                 raise ConfigError("resume=auto continues the run in output_dir; give output_dir=RUN_FOLDER too")
             config.output_dir = str(checkpoint.run_dir_of(checkpoint.resolve_path(config.resume)))
-            extra = [f"output_dir={config.output_dir}"]
+            extra.append(f"output_dir={config.output_dir}")
         check_output_dir(config)
     if not parsed.multirun:
         return extra
-    return [f"hydra.job.config.override_dirname.exclude_keys=[{','.join(['output_dir', 'overwrite', *fixed])}]"]
+    excluded = ",".join(["output_dir", "overwrite", *fixed])
+    return [*extra, f"hydra.job.config.override_dirname.exclude_keys=[{excluded}]"]
 
 
 def _hydra_train(args: list[str]) -> int:
@@ -299,6 +309,31 @@ def _job(cfg) -> None:
         print(f"qlora: interrupted; continue from checkpoint {found[-1]} with resume=auto" if found else
               "qlora: interrupted before training started; nothing was saved", file=sys.stderr)
         sys.exit(130)
+
+
+def _tokenizer(config):
+    """The run's tokenizer, with the chat template it trains with (generated demo assets made first)."""
+    from qlora import data, demo, hub
+    from qlora.model import load_tokenizer
+
+    hub.prepare(hub.hub_ids(config))
+    demo.prepare_assets(config)
+    tokenizer = load_tokenizer(config.model)
+    data.use_chat_template(config.data, tokenizer)
+    return tokenizer
+
+
+def _with_seq_len(config, tokenizer):
+    """train.seq_len=auto chosen as `qlora train` chooses it (from the data's lengths), said on stderr."""
+    from qlora import data
+    from qlora.model import check_model_config, max_positions
+
+    if config.train.seq_len != "auto":
+        return config
+    resolved = data.with_seq_len(config, tokenizer, max_positions(check_model_config(config.model, "auto")))
+    print(f"qlora: train.seq_len=auto: {resolved.train.seq_len} (from the lengths of {config.data.path})",
+          file=sys.stderr)
+    return resolved
 
 
 def _remove_if_empty(folder: Path) -> None:

@@ -21,7 +21,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
-from qlora.config import Config, QuantConfig
+from qlora.config import Config, QuantConfig, builds_scratch_model
 from qlora.errors import ConfigError
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -65,6 +65,10 @@ def register() -> None:
 
 def to_config(cfg: DictConfig) -> Config:
     """The composed DictConfig (without its `hydra` node) as the typed, resolved Config."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:  # every one at once (to_object stops at the first)
+        raise ConfigError([f"{key}: value is required but not set; give it on the command line ({key}=...)"
+                           for key in missing])
     try:
         config = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
@@ -80,20 +84,46 @@ def _hydra_context() -> Iterator[None]:
         yield
 
 
+DEMO_RECIPE = "default"
+"""What `qlora train` runs with no recipe given and the demo's model: the offline demo."""
+OWN_MODEL_RECIPE = "custom"
+"""What it runs with no recipe given and a model of the user's own: real-model settings, data.path required."""
+
+
 def compose_config(overrides: list[str]) -> Config:
-    """Compose the typed run config as `qlora train` would, without running anything.
+    """Compose the typed run config as `qlora train` would, without running anything (with no recipe given, the
+    one `choose_recipe` picks).
 
     Raises ConfigError with a one-line explanation for unknown keys, wrong types and unknown group options.
     """
     with _hydra_context():
-        try:
-            cfg = compose("config", overrides=overrides, return_hydra_config=True)
-        except (ConfigCompositionException, OverrideParseException, OmegaConfBaseException) as e:
-            raise ConfigError(explain(e)) from e
-        HydraConfig.instance().set_config(cfg)  # resolves ${hydra:...} in output_dir
-        with read_write(cfg), open_dict(cfg):
-            del cfg["hydra"]
-        return to_config(cfg)
+        chosen = _choose_recipe(overrides)
+        return _compose(overrides + ([f"recipe={chosen}"] if chosen else []))
+
+
+def choose_recipe(overrides: list[str]) -> str | None:
+    """The recipe to add when the overrides name none: OWN_MODEL_RECIPE when the model they compose to is not one
+    built from a config (the demo's), so a user's own model never trains with the demo's settings; None otherwise
+    (a recipe is named, or the demo runs)."""
+    with _hydra_context():
+        return _choose_recipe(overrides)
+
+
+def _choose_recipe(overrides: list[str]) -> str | None:
+    if any(o.key_or_group == "recipe" for o in parse_overrides(overrides)):
+        return None
+    return None if builds_scratch_model(_compose(overrides).model) else OWN_MODEL_RECIPE
+
+
+def _compose(overrides: list[str]) -> Config:
+    try:
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    except (ConfigCompositionException, OverrideParseException, OmegaConfBaseException) as e:
+        raise ConfigError(explain(e)) from e
+    HydraConfig.instance().set_config(cfg)  # resolves ${hydra:...} in output_dir
+    with read_write(cfg), open_dict(cfg):
+        del cfg["hydra"]
+    return to_config(cfg)
 
 
 def compose_command(schema: type, args: list[str], defaults: dict | None = None):

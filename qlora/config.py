@@ -173,8 +173,9 @@ class ModelConfig:
     """Hub revision (branch, tag or commit); ignored for local folders."""
     trust_remote_code: bool = False
     """Allow model code from the hub repository to run; only for architectures transformers lacks."""
-    attn_implementation: str = "sdpa"
-    """Attention kernel passed to transformers: sdpa, eager, or flash_attention_2 where installed."""
+    attn_implementation: str = AUTO
+    """Attention kernel passed to transformers: auto (sdpa where transformers supports it for the architecture,
+    else eager; read from the model's config, logged), sdpa, eager, or flash_attention_2 where installed."""
     scratch: ScratchModelConfig | None = None
     """A random-init model to build when name_or_path is its path and the folder is missing."""
     architecture: ArchitectureConfig = field(default_factory=ArchitectureConfig)
@@ -271,9 +272,12 @@ class DataConfig:
     overlong: Overlong = Overlong.truncate
     """alpaca / chat samples longer than train.seq_len: truncate, drop, or error. Text documents are split
     into seq_len windows instead."""
-    on_invalid: OnInvalid = OnInvalid.error
-    """A record with a missing or empty field or nothing to train: error (stop, naming every such record) or
-    skip (leave it out, counted and named in the log)."""
+    on_invalid: OnInvalid = OnInvalid.skip
+    """A record with a missing or empty field or nothing to train: skip (leave it out, each one named in the log and
+    in summary.json; at most data.max_invalid_fraction of a file) or error (stop, naming every such record)."""
+    max_invalid_fraction: float = 0.01
+    """With on_invalid=skip: the largest share of a file's records that may be invalid. More stops the run as
+    on_invalid=error would: that many bad records means a wrong data.format or data.columns, not a few typos."""
     packing: bool = False
     """Pack several samples into each sequence (no padding waste); position ids restart per sample and
     attention never crosses samples."""
@@ -319,12 +323,15 @@ class TrainConfig:
     """Sequences per forward/backward pass."""
     grad_accum_steps: int = 4
     """Micro batches per optimizer step."""
-    seq_len: int = 512
-    """Longest sequence in tokens; longer samples are truncated."""
+    seq_len: int | str = 512
+    """Longest sequence in tokens; longer samples are truncated (data.overlong). auto: the shortest multiple of 64
+    that holds 99% of the training samples whole, at most the model's positions and 4096 (logged; config.yaml in
+    the run folder records the number chosen)."""
     eval_every_steps: int = 50
     """Run the eval loss every N optimizer steps (and at step 0 and the end); 0 disables."""
-    eval_max_batches: int = 50
-    """Upper bound on eval micro batches per evaluation."""
+    eval_max_sequences: int = 256
+    """Score at most this many held-out sequences per evaluation (the same ones each time, so evaluations compare);
+    the share of the run's time spent evaluating is logged and in summary.json."""
     log_every_steps: int = 10
     """Write a metrics row every N optimizer steps."""
     gradient_checkpointing: bool | str = AUTO
@@ -349,7 +356,10 @@ class TrainConfig:
     num_workers: int = 0
     """DataLoader worker processes."""
     sample_prompts: list[str] = field(default_factory=list)
-    """Instructions to answer with greedy decoding at the end of the run (printed and saved)."""
+    """Instructions to answer with greedy decoding before and after training (printed and saved to samples.json)."""
+    samples_from_eval: int = 0
+    """Also answer the prompts of this many held-out records (the first of the eval split; alpaca and chat data),
+    shown beside the record's own answer."""
     max_new_tokens: int = 64
     """Tokens to generate per sample prompt."""
     progress: bool = True
@@ -550,6 +560,17 @@ class EvalCommand:
     """Show the traceback of an error instead of its one-line message."""
 
 
+REMOVED_KEYS = {"train": ("eval_max_batches",)}
+"""Keys earlier versions wrote into a run's config.yaml that the schema no longer has (train.eval_max_batches became
+train.eval_max_sequences): dropped when an old run folder is read, so its runs still export, evaluate and resume."""
+
+
+def without_removed_keys(saved: dict) -> dict:
+    """A saved config (as a plain dict) without REMOVED_KEYS."""
+    return {group: ({k: v for k, v in node.items() if k not in REMOVED_KEYS.get(group, ())}
+                    if isinstance(node, dict) else node) for group, node in saved.items()}
+
+
 DATA_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 
 
@@ -626,9 +647,15 @@ def validate(cfg: Config) -> None:
          f"optim.betas must be two numbers in [0, 1) (got {list(cfg.optim.betas)})")
     need(cfg.optim.max_grad_norm >= 0, f"optim.max_grad_norm must be >= 0 (got {cfg.optim.max_grad_norm})")
     need(cfg.optim.warmup_steps >= 0, f"optim.warmup_steps must be >= 0 (got {cfg.optim.warmup_steps})")
-    for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "seq_len"):
+    for key in ("max_steps", "micro_batch_size", "grad_accum_steps"):
         value = getattr(cfg.train, key)
         need(value > 0, f"train.{key} must be > 0 (got {value})")
+    seq_len = cfg.train.seq_len
+    need(seq_len == AUTO or (isinstance(seq_len, int) and seq_len > 0),
+         f"train.seq_len must be auto or a number > 0 (got {seq_len})")
+    need(cfg.train.samples_from_eval >= 0, f"train.samples_from_eval must be >= 0 (got {cfg.train.samples_from_eval})")
+    need(0 <= cfg.data.max_invalid_fraction <= 1,
+         f"data.max_invalid_fraction must be in [0, 1] (got {cfg.data.max_invalid_fraction})")
     for key in ("eval_every_steps", "log_every_steps", "num_workers", "max_new_tokens", "save_every_steps",
                 "keep_checkpoints"):
         value = getattr(cfg.train, key)
@@ -637,7 +664,8 @@ def validate(cfg: Config) -> None:
     need(isinstance(checkpointing, bool) or checkpointing == AUTO,
          f"train.gradient_checkpointing must be auto, true or false (got {checkpointing})")
     need(cfg.train.loss_chunk_tokens >= 0, f"train.loss_chunk_tokens must be >= 0 (got {cfg.train.loss_chunk_tokens})")
-    need(cfg.train.eval_max_batches > 0, f"train.eval_max_batches must be > 0 (got {cfg.train.eval_max_batches})")
+    need(cfg.train.eval_max_sequences > 0,
+         f"train.eval_max_sequences must be > 0 (got {cfg.train.eval_max_sequences})")
     for role, names in vars(cfg.data.roles).items():
         need(len(names) > 0, f"data.roles.{role} is empty; give at least one speaker name")
     template = cfg.data.chat_template
@@ -675,7 +703,7 @@ def validate(cfg: Config) -> None:
                         "overwrite replaces it; give one")
     problems += dist_problems(cfg)
     scratch_positions = scratch.max_position_embeddings if builds_scratch_model(cfg.model) else None
-    if scratch_positions is not None and cfg.train.seq_len > scratch_positions:
+    if scratch_positions is not None and isinstance(seq_len, int) and seq_len > scratch_positions:
         problems.append(f"train.seq_len={cfg.train.seq_len} is longer than the model's "
                         f"{scratch_positions} positions (model.scratch.max_position_embeddings); lower train.seq_len")
     if problems:

@@ -15,3 +15,10 @@ class ConfigError(QloraError):
     def __init__(self, problems: list[str] | str) -> None:
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         super().__init__("\n".join(f"config error: {p}" for p in self.problems))
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when the message is empty: for one-line
+    reports of errors raised by libraries."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__

@@ -18,7 +18,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -75,8 +75,12 @@ class Score:
 
 @torch.no_grad()
 def score(model, batches: Iterable[dict[str, torch.Tensor]], max_batches: int | None = None,
-          autocast: torch.dtype | None = None) -> Score:
-    """Score `model` in eval mode on collated batches (at most `max_batches` of them), autocast to `autocast`."""
+          autocast: torch.dtype | None = None, loss: Callable[..., torch.Tensor] | None = None) -> Score:
+    """Score `model` in eval mode on collated batches (at most `max_batches` of them), autocast to `autocast`.
+
+    `loss` computes a batch's summed token loss from the model's inputs and `labels` (training's loss module, which
+    need not materialise the full logits); by default `token_loss_sum` of the model's logits.
+    """
     device = next(p.device for p in model.parameters() if p.device.type != "meta")
     was_training = model.training
     model.eval()
@@ -87,8 +91,11 @@ def score(model, batches: Iterable[dict[str, torch.Tensor]], max_batches: int | 
             break
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            logits = model(**qdata.model_inputs(batch)).logits
-        total += token_loss_sum(logits, batch["labels"]).double().cpu()
+            if loss is not None:
+                summed = loss(**qdata.model_inputs(batch), labels=batch["labels"])
+            else:
+                summed = token_loss_sum(model(**qdata.model_inputs(batch)).logits, batch["labels"])
+        total += summed.double().cpu()
         tokens += scored_tokens(batch["labels"])
         sequences += len(batch["input_ids"])
     model.train(was_training)

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from qlora import hub
-from qlora.config import Config, DType, MixedPrecision, ModelConfig, QuantConfig, QuantMethod
-from qlora.errors import QloraError
+from qlora.config import AUTO, Config, DType, MixedPrecision, ModelConfig, QuantConfig, QuantMethod
+from qlora.errors import QloraError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,9 @@ def bnb_config(quant: QuantConfig, dtype: torch.dtype,
     )
 
 
-def check_model_config(cfg: ModelConfig, seq_len: int) -> None:
-    """Read the model's config (not its weights): the model exists, and train.seq_len fits its positions."""
+def check_model_config(cfg: ModelConfig, seq_len: int | str):  # -> transformers.PretrainedConfig
+    """Read the model's config (not its weights): the model exists, and train.seq_len (unless auto) fits its
+    positions. Returns the config."""
     from transformers import AutoConfig
 
     if cfg.trust_remote_code:
@@ -73,10 +74,33 @@ def check_model_config(cfg: ModelConfig, seq_len: int) -> None:
                                             trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise QloraError(_not_loadable("model config", cfg.name_or_path, e)) from e
-    positions = getattr(config, "max_position_embeddings", None)
-    if isinstance(positions, int) and seq_len > positions:
+    positions = max_positions(config)
+    if isinstance(seq_len, int) and positions is not None and seq_len > positions:
         raise QloraError(f"train.seq_len={seq_len} is longer than {cfg.name_or_path} supports "
                          f"({positions} positions); lower train.seq_len")
+    return config
+
+
+def max_positions(model_config) -> int | None:
+    """The longest sequence a transformers config says the model supports (None: it does not say)."""
+    positions = getattr(model_config.get_text_config(), "max_position_embeddings", None)
+    return positions if isinstance(positions, int) else None
+
+
+def attention_implementation(cfg: ModelConfig, model_config) -> str | None:
+    """model.attn_implementation with `auto` resolved for the architecture, read from the model class its config
+    names: sdpa where transformers has it for that class, eager where it does not (Gemma 2, whose soft-capped
+    attention scores sdpa cannot compute). None for a class only the model's own (remote) code defines: transformers
+    then chooses, sdpa with eager as its fallback."""
+    if cfg.attn_implementation != AUTO:
+        return cfg.attn_implementation
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(model_config)]
+    except KeyError:
+        return None
+    return "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
 
 
 def load_tokenizer(cfg: ModelConfig):  # -> transformers.PreTrainedTokenizerBase
@@ -99,9 +123,17 @@ def load_tokenizer(cfg: ModelConfig):  # -> transformers.PreTrainedTokenizerBase
 def load_base_model(cfg: ModelConfig, quant: QuantConfig, device: torch.device,
                     storage: torch.dtype | None = None) -> nn.Module:
     """Load the base model on `device`, quantized per `quant` (4-bit weights packed into `storage`, see
-    bnb_config), with every parameter frozen."""
-    from transformers import AutoModelForCausalLM
+    bnb_config), with every parameter frozen. `model.attn_implementation=auto` is resolved for the architecture
+    (`attention_implementation`); the model's config says what was chosen (`config._attn_implementation`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    attention = cfg.attn_implementation
+    if attention == AUTO:
+        try:
+            attention = attention_implementation(cfg, AutoConfig.from_pretrained(
+                cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code))
+        except (OSError, ValueError) as e:
+            raise QloraError(_not_loadable("model config", cfg.name_or_path, e)) from e
     dtype = compute_dtype(quant, device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # bitsandbytes places weights per index
@@ -113,7 +145,7 @@ def load_base_model(cfg: ModelConfig, quant: QuantConfig, device: torch.device,
             quantization_config=bnb_config(quant, dtype, storage),
             dtype=dtype,
             device_map={"": device},
-            attn_implementation=cfg.attn_implementation,
+            attn_implementation=attention,
             weights_only=True,  # pickled (.bin) weights load as tensors only; safetensors are preferred anyway
         )
     except torch.OutOfMemoryError as e:
@@ -123,7 +155,25 @@ def load_base_model(cfg: ModelConfig, quant: QuantConfig, device: torch.device,
         raise QloraError(_not_loadable("model", cfg.name_or_path, e)) from e
     model.requires_grad_(False)
     _keep_training_layout(model)
+    if device.type == "cpu":
+        _release_checkpoint_file(model)
     return model
+
+
+def _release_checkpoint_file(model: nn.Module) -> None:
+    """Copy the unquantized tensors that are still views of the memory-mapped checkpoint file into memory of their own.
+
+    Weights loaded in the dtype they are stored in are not copied on a CPU, so the whole file stays mapped, and
+    resident, for as long as the model lives (538 MB for SmolLM2-135M in float32, four times the 113 MB its
+    unquantized tensors take). Copied, the mapping goes. Parameters are copied in place, so tied ones stay tied.
+    """
+    for parameter in {id(p): p for p in model.parameters()}.values():
+        if type(parameter).__name__ not in ("Params4bit", "Int8Params"):
+            parameter.data = parameter.data.clone()
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = buffer.clone()
 
 
 def prepare_kbit(model: nn.Module, float32_embeddings: bool, modules_to_save: list[str]) -> nn.Module:
@@ -204,9 +254,15 @@ def _keep_training_layout(model: nn.Module) -> None:
 
 
 def _not_loadable(what: str, name: str, e: Exception) -> str:
-    if Path(name).expanduser().exists():
-        return f"could not load the {what} from {name} ({str(e).splitlines()[0]}); is it a complete HF model folder?"
-    return f"could not load the {what}: {hub.unavailable(name)}"
+    """Why the model (config, tokenizer) at `name` did not load: files missing from a folder, transformers refusing
+    what the files ask for (an attention implementation, an unknown architecture), or the hub out of reach."""
+    if not Path(name).expanduser().exists():
+        return f"could not load the {what}: {hub.unavailable(name)}"
+    if isinstance(e, OSError):
+        return f"could not load the {what} from {name} ({first_line(e)}); is it a complete HF model folder?"
+    fix = ("; set model.attn_implementation=auto, eager or sdpa" if "attention" in str(e).lower()
+           else "; check the model's config.json and the installed transformers version")
+    return f"transformers cannot load the {what} from {name}: {first_line(e)[:300]}{fix}"
 
 
 @dataclass

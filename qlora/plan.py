@@ -138,6 +138,10 @@ class Plan:
     capacity_bytes: int | None = None
     """GPU memory the run may use (train.memory_limit_gb, else the visible GPU's total); None: none known."""
     max_positions: int | None = None
+    host_bytes: int = 0
+    """On a CPU, where the run's tensors share the process's memory: what the process holds besides them (Python,
+    torch and the other libraries, the tokenizer, the tokenized data), measured as its resident memory when the
+    plan is made. 0 on a GPU, whose memory holds the run's tensors alone."""
 
     @property
     def weights_bytes(self) -> int:
@@ -146,7 +150,7 @@ class Plan:
     @property
     def fixed_bytes(self) -> int:
         """What does not depend on the tokens in a micro batch."""
-        return self.weights_bytes + self.gradient_bytes + self.optimizer_bytes
+        return self.host_bytes + self.weights_bytes + self.gradient_bytes + self.optimizer_bytes
 
     @property
     def total_bytes(self) -> int:
@@ -184,7 +188,10 @@ def plan(config: Config, device: str = "cuda", checkpointed: int | None = None) 
     recomputing that many decoder layers whatever train.gradient_checkpointing says."""
     from transformers import AutoModelForCausalLM
 
+    from qlora.model import attention_implementation
+
     arch = model_config(config)
+    eager = attention_implementation(config.model, arch) == "eager"
     dtype = _compute_dtype(config, device)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(arch, dtype=dtype)
@@ -207,9 +214,10 @@ def plan(config: Config, device: str = "cuda", checkpointed: int | None = None) 
     parameters = sum(p.numel() for p in model.parameters())
     quantized_parameters = sum(m.weight.numel() for m in quantized.values())
     trainable_bytes = sum(_nbytes(p) for p in trainable)
+    host = (resident_bytes() or 0) if device == "cpu" else 0
 
     def with_checkpointing(checkpointed: int) -> Plan:
-        per_token = _activation_per_token(arch, len(adapted), config, dtype, autocast, upcast, checkpointed)
+        per_token = _activation_per_token(arch, len(adapted), config, dtype, autocast, upcast, checkpointed, eager)
         return Plan(
             model=config.model.name_or_path,
             device=device,
@@ -233,6 +241,7 @@ def plan(config: Config, device: str = "cuda", checkpointed: int | None = None) 
             loss_chunk_bytes=loss_chunk,
             capacity_bytes=_capacity(config, device),
             max_positions=getattr(arch, "max_position_embeddings", None),
+            host_bytes=host,
         )
 
     if checkpointed is not None:
@@ -243,9 +252,11 @@ def plan(config: Config, device: str = "cuda", checkpointed: int | None = None) 
     # Recomputing the last layer too never lowers the peak (its backward needs its activations at once).
     candidates = [with_checkpointing(k) for k in range(max(layers - 1, 0) + 1)]
     leanest = candidates[-1]
-    budget = leanest.usable_bytes if leanest.usable_bytes is not None else _host_budget(device)
-    chosen = leanest if budget is None else \
-        next((c for c in candidates if c.total_bytes <= AUTO_SHARE * budget), leanest)
+    if leanest.usable_bytes is not None:
+        budget, need = leanest.usable_bytes, (lambda c: c.total_bytes)
+    else:  # the RAM free now: what the process already holds is not in it
+        budget, need = _host_budget(device), (lambda c: c.total_bytes - c.host_bytes)
+    chosen = leanest if budget is None else next((c for c in candidates if need(c) <= AUTO_SHARE * budget), leanest)
     return replace(chosen, least_per_token_bytes=leanest.per_token_bytes)
 
 
@@ -391,9 +402,10 @@ class _PerToken:
 
 
 def _activation_per_token(arch, adapted: int, config: Config, dtype: torch.dtype, autocast: bool,
-                          upcast: bool, checkpointed: int) -> _PerToken:
+                          upcast: bool, checkpointed: int, eager: bool) -> _PerToken:
     """Bytes per token of the micro batch: saved activations, logits, and transient gradients, with the first
-    `checkpointed` decoder layers recomputed in backward."""
+    `checkpointed` decoder layers recomputed in backward (`eager`: the attention implementation keeps its score
+    matrices)."""
     compute = torch.finfo(dtype).bits // 8
     coeff = LAYER_BYTES[(2, True)] if compute == 2 or autocast else LAYER_BYTES[(4, False)]
     hidden, layers = arch.hidden_size, arch.num_hidden_layers
@@ -405,7 +417,7 @@ def _activation_per_token(arch, adapted: int, config: Config, dtype: torch.dtype
     share = adapted_per_layer / 7  # the coefficients were measured with all seven linear layers adapted
     layer = (coeff.hidden * hidden + coeff.intermediate * intermediate + coeff.kv * kv
              + coeff.rank * config.lora.r * adapted_per_layer + coeff.heads * heads + coeff.scalar)
-    if config.model.attn_implementation == "eager":  # the attention matrix itself: float32 softmax, and its cast
+    if eager:  # the attention matrix itself: float32 softmax, and its cast
         layer += heads * config.train.seq_len * (4 + compute)
     if config.lora.dropout > 0:
         layer += share * (coeff.dropout_hidden * hidden + coeff.dropout_intermediate * intermediate)
@@ -526,6 +538,17 @@ def _host_budget(device: str) -> int | None:
     return max(0, available - HOST_RESERVE) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
+def resident_bytes() -> int | None:
+    """This process's resident memory now (Linux's VmRSS); None where it is not known."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def _available_ram() -> int | None:
     """Linux's MemAvailable (free memory plus the page cache it can reclaim); None where it is not known."""
     try:
@@ -550,6 +573,7 @@ def describe(p: Plan, config: Config) -> str:
     """The plan as a table a person reads, with the verdict and what to change."""
     t = config.train
     rows = [
+        ("process", "Python, libraries, tokenizer, data (resident now)", p.host_bytes),
         ("base model", f"{p.parameters:,} parameters, {p.quantized_parameters:,} quantized "
                        f"({config.quant.method.value}{'+dq' if config.quant.double_quant else ''})", p.base_bytes),
         ("LoRA weights", f"{p.trainable_parameters:,} trainable (r={config.lora.r})", p.trainable_bytes),
@@ -562,6 +586,7 @@ def describe(p: Plan, config: Config) -> str:
                              else "all positions' float32 log-softmax and its gradients (estimate)"), p.logits_bytes),
         ("workspace", "dequantized weight, gradients in flight (estimate)", p.workspace_bytes),
     ]
+    rows = [r for r in rows if r[0] != "process" or p.host_bytes]
     width = max(len(r[0]) for r in rows)
     lines = [f"qlora plan: {p.model} on {p.device} ({p.dtype} compute)"]
     lines += [f"  {name:<{width}}  {gib(n):>11}  {what}" for name, what, n in rows]
@@ -599,10 +624,13 @@ def recomputed(p: Plan, config: Config) -> str:
 
 
 def check_fits(config: Config, device: str) -> Plan | None:
-    """Refuse a run whose estimated peak exceeds the GPU (train.check_memory), naming what to change."""
-    if not config.train.check_memory or device != "cuda":
+    """The run's plan; on a GPU, refuse a run whose estimated peak exceeds it (train.check_memory), naming what to
+    change. None when train.check_memory=false."""
+    if not config.train.check_memory:
         return None
     p = plan(config, device)
+    if device != "cuda":
+        return p
     log.info("memory plan: %s peak of %s usable (qlora plan for the breakdown)", gib(p.total_bytes),
              gib(p.usable_bytes) if p.usable_bytes is not None else "?")
     if p.fits is not False:

@@ -121,7 +121,8 @@ def recipe_models(names: list[str]) -> dict[str, str]:
             try:
                 cfg = compose("config", overrides=[f"recipe={name}"], return_hydra_config=True)
                 model = cfg.model
-                if OmegaConf.is_missing(model, "name_or_path"):
+                if OmegaConf.is_missing(model, "name_or_path"):  # the user's own (recipe=custom)
+                    models[name] = "model.name_or_path"
                     continue
                 if model.get("scratch") is not None and model.name_or_path == model.scratch.path:
                     models[name] = cfg.hydra.runtime.choices.model

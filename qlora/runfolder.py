@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from qlora import checkpoint
-from qlora.config import Config
+from qlora.config import Config, without_removed_keys
 from qlora.errors import QloraError
 
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] %(message)s"
@@ -168,7 +168,8 @@ def read_trained(path: str, key: str = "run_dir") -> TrainedRun:
     try:
         schema = OmegaConf.structured(Config)
         text = config_file.read_text()
-        config = OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.create(text)))
+        saved = without_removed_keys(OmegaConf.to_container(OmegaConf.create(text)))
+        config = OmegaConf.to_object(OmegaConf.merge(schema, saved))
         state = json.loads((folder / state_file).read_text())
     except (OSError, ValueError, OmegaConfBaseException) as e:
         raise QloraError(f"{key}={path}: {config_file.name} or {state_file} is missing or unreadable "

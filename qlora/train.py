@@ -26,7 +26,7 @@ from accelerate import Accelerator
 from qlora import checkpoint, demo, distributed, hub, runfolder
 from qlora import data as qdata
 from qlora.attention import use_per_sample_sdpa
-from qlora.config import Config, DistStrategy, OnNonFinite, validate
+from qlora.config import AUTO, Config, DistStrategy, OnNonFinite, validate
 from qlora.errors import ConfigError, QloraError
 from qlora.evaluation import perplexity, score, scored_tokens
 from qlora.files import write_folder_atomic, write_text_atomic
@@ -35,11 +35,14 @@ from qlora.loss import CausalLMLoss
 from qlora.metrics import MetricsLog, NoMetrics, logger_problems
 from qlora.model import (
     QuantReport,
+    attention_implementation,
+    autocast_dtype,
     check_model_config,
     compute_dtype,
     enable_checkpointing,
     load_base_model,
     load_tokenizer,
+    max_positions,
     mixed_precision,
     prepare_kbit,
     quant_report,
@@ -112,7 +115,9 @@ class Training:
     eval_loader: torch.utils.data.DataLoader | None
     metrics: MetricsLog | NoMetrics
     samples_before: list[str]
-    """Answers to train.sample_prompts before training (kept in checkpoints for the final samples.json)."""
+    """Answers to the sample prompts before training (kept in checkpoints for the final samples.json)."""
+    eval_seconds: float = 0.0
+    """Time spent in evaluation so far (this process, since it started)."""
 
 
 class Interrupted(QloraError):
@@ -141,27 +146,23 @@ def run(config: Config, recipe: str | None = None) -> RunResult:
         if not accelerator.is_main_process:
             logging.getLogger("qlora").setLevel(logging.WARNING)  # one process tells the story
         try:
-            resumed = checkpoint.find(config)
-            state = _state_to_resume(resumed, config)
-            return _run(config, accelerator, resumed, state, runlog, recipe)
+            return _run(config, accelerator, checkpoint.find(config), runlog, recipe)
         except QloraError as e:
             runlog.error(str(e))
             raise
 
 
-def _run(config: Config, accelerator: Accelerator, resumed: checkpoint.Checkpoint | None, state: TrainState,
+def _run(config: Config, accelerator: Accelerator, resumed: checkpoint.Checkpoint | None,
          runlog: runfolder.RunLog, recipe: str | None) -> RunResult:
     from accelerate.utils import set_seed
 
     started = time.perf_counter()
     out = Path(config.output_dir)
     device = accelerator.device
-    _check_processes(state, accelerator.num_processes, config.force_resume)
-    state.processes = accelerator.num_processes
     set_seed(config.seed)
-    log.info("qlora run -> %s (device %s, compute dtype %s, mixed precision %s; %s)%s", out, device,
-             _name(compute_dtype(config.quant, device)), accelerator.mixed_precision,
-             distributed.describe(accelerator, config.dist),
+    log.info("qlora run -> %s (%sdevice %s, compute dtype %s, mixed precision %s; %s)%s", out,
+             f"recipe {recipe}, " if recipe else "", device, _name(compute_dtype(config.quant, device)),
+             accelerator.mixed_precision, distributed.describe(accelerator, config.dist),
              f"; resuming from {resumed.path} at step {resumed.step}" if resumed else "")
 
     # Tokenizer (and whatever the demo generates); hub ids fail fast when there is no network. The main process
@@ -169,18 +170,26 @@ def _run(config: Config, accelerator: Accelerator, resumed: checkpoint.Checkpoin
     with accelerator.main_process_first():
         hub.prepare(hub.hub_ids(config))
         demo.prepare_assets(config)
-    check_model_config(config.model, config.train.seq_len)
-    memory_plan = check_fits(config, device.type)
+    model_config = check_model_config(config.model, config.train.seq_len)
+    config = _with_attention(config, model_config)
     tokenizer = load_tokenizer(config.model)
 
-    # Data: tokenized (or read from the cache) and checked before any weights load
+    # Data: tokenized (or read from the cache) and checked before any weights load; train.seq_len=auto is chosen
+    # from it. Then the autos are numbers, as the checkpoint to resume recorded them.
     qdata.use_chat_template(config.data, tokenizer)
     with accelerator.main_process_first():
+        config = qdata.with_seq_len(config, tokenizer, max_positions(model_config))
         data = qdata.load(config.data, tokenizer, config.train.seq_len, config.seed,
                           Path(config.cache_dir).expanduser())
     log.info("data %s (%s): %s; %d train / %d eval sequences%s", config.data.path, config.data.format.value,
              data.stats.describe(config.train.seq_len), len(data.train), len(data.eval),
              ", packed" if config.data.packing else "")
+    state = _state_to_resume(resumed, config)
+    _check_processes(state, accelerator.num_processes, config.force_resume)
+    state.processes = accelerator.num_processes
+    memory_plan = check_fits(config, device.type)
+    data = dataclasses.replace(data, eval=data.eval[:config.train.eval_max_sequences])
+    held_out = qdata.held_out_samples(data, config.data, config.train.samples_from_eval)
     train_loader, eval_loader = qdata.loaders(data, config.data, config.train.micro_batch_size,
                                               config.train.seq_len, tokenizer.pad_token_id, config.seed,
                                               config.train.num_workers, accelerator.process_index,
@@ -235,6 +244,7 @@ def _run(config: Config, accelerator: Accelerator, resumed: checkpoint.Checkpoin
         _restore_training(resumed, accelerator, model, optimizer, scheduler)
 
     prompts = [qdata.prompt_ids(p, config.data, tokenizer) for p in config.train.sample_prompts]
+    prompts += [s.ids for s in held_out]
     before = resumed.state.get("samples_before", []) if resumed else []
     if len(before) != len(prompts):  # a fresh run, or the sample prompts changed since the checkpoint
         before = generate(model, tokenizer, prompts, config.train.max_new_tokens, device)
@@ -258,13 +268,17 @@ def _run(config: Config, accelerator: Accelerator, resumed: checkpoint.Checkpoin
         metrics.close()
 
     after = generate(model, tokenizer, prompts, config.train.max_new_tokens, device)
-    samples = [{"prompt": p, "before": b, "after": a}
-               for p, b, a in zip(config.train.sample_prompts, before, after, strict=True)]
+    asked = [{"prompt": p} for p in config.train.sample_prompts]
+    asked += [{"prompt": s.prompt, "reference": s.reference} for s in held_out]
+    samples = [{**a, "before": b, "after": c} for a, b, c in zip(asked, before, after, strict=True)]
     adapter = distributed.adapter_state(model)
+    seconds = time.perf_counter() - started
     if accelerator.is_main_process:
         summary = {"parameters": parameters, "base_bytes": base.total_bytes if base else None,
-                   "peak_memory_gb": peak_memory_gb(device), "seconds": time.perf_counter() - started,
+                   "peak_memory_gb": peak_memory_gb(device), "seconds": seconds,
+                   "eval_seconds": training.eval_seconds, "eval_share": training.eval_seconds / seconds,
                    "planned_memory_gb": memory_plan.total_bytes / 2**30 if memory_plan else None,
+                   "seq_len": config.train.seq_len, "skipped_records": data.skipped,
                    "checkpointed_layers": checkpointed, "processes": accelerator.num_processes,
                    "global_batch": config.train.micro_batch_size * config.train.grad_accum_steps
                    * accelerator.num_processes}
@@ -273,12 +287,32 @@ def _run(config: Config, accelerator: Accelerator, resumed: checkpoint.Checkpoin
             _write_report(out)
     accelerator.wait_for_everyone()
     for s in samples:
-        log.info("sample: %s\n  before: %s\n  after:  %s", s["prompt"], s["before"] or "(nothing)", s["after"])
+        reference = f"\n  reference: {s['reference']}" if "reference" in s else ""
+        log.info("sample: %s%s\n  before: %s\n  after:  %s", s["prompt"], reference, s["before"] or "(nothing)",
+                 s["after"] or "(nothing)")
+    if training.eval_seconds:
+        log.info("evaluation took %.0fs of %.0fs (%.0f%%; train.eval_max_sequences=%d, train.eval_every_steps=%d)",
+                 training.eval_seconds, seconds, 100 * training.eval_seconds / seconds,
+                 config.train.eval_max_sequences, config.train.eval_every_steps)
     if state.first_eval_loss is not None and state.final_eval_loss is not None:
         log.info("eval loss %.4f -> %.4f (perplexity %.2f -> %.2f)", state.first_eval_loss, state.final_eval_loss,
                  perplexity(state.first_eval_loss), perplexity(state.final_eval_loss))
     log.info("saved adapter, tokenizer and config to %s", out)
     return RunResult(out, state, samples, model, tokenizer, optimizer.optimizer)
+
+
+def _with_attention(config: Config, model_config) -> Config:
+    """`config` with model.attn_implementation=auto replaced by the implementation chosen for the architecture."""
+    if config.model.attn_implementation != AUTO:
+        return config
+    chosen = attention_implementation(config.model, model_config)
+    if chosen is None:
+        log.info("attention: transformers' default for %s (model.attn_implementation=auto, remote code)",
+                 config.model.name_or_path)
+        return config
+    log.info("attention: %s (model.attn_implementation=auto: %s for %s)", chosen,
+             "supported" if chosen == "sdpa" else "transformers has no sdpa", type(model_config).__name__)
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, attn_implementation=chosen))
 
 
 def _state_to_resume(resumed: checkpoint.Checkpoint | None, config: Config) -> TrainState:
@@ -439,10 +473,13 @@ def train_loop(training: Training, state: TrainState) -> None:
     batches = _batches(training.train_loader, training.sampler, state)
     trainable = [p for p in training.model.parameters() if p.requires_grad]
     evaluate_now = training.eval_loader is not None and cfg.eval_every_steps > 0
+    progress = Progress(cfg, accelerator.is_main_process, state.step)
     if evaluate_now and state.step == 0:
         state.first_eval_loss = state.final_eval_loss = _evaluate(training)
         training.metrics.write({"step": 0, "eval_loss": state.first_eval_loss})
-    progress = Progress(cfg, accelerator.is_main_process, state.step)
+        progress.write(f"step 0: eval loss {state.first_eval_loss:.4f} (perplexity "
+                       f"{perplexity(state.first_eval_loss):.2f}) on {len(training.eval_loader.dataset)} held-out "
+                       f"sequences, {training.eval_seconds:.1f}s")
     window_start, window_tokens = time.perf_counter(), 0
     nonfinite_in_a_row = 0
     saved_at = state.step if state.step > 0 else None  # a resumed run starts on a checkpoint
@@ -579,12 +616,16 @@ def _oom_message(config: Config, step: int) -> str:
 
 
 def _evaluate(training: Training) -> float:
-    """Mean loss per trained token over (at most train.eval_max_batches of) the eval split."""
+    """Mean loss per trained token over the eval split (its first train.eval_max_sequences sequences), computed by
+    the training loss module: with train.loss_chunk_tokens no full logits, so evaluation needs no more memory than a
+    training step."""
     # Every process scores the whole (bounded) eval split with the same weights: the same loss everywhere, and
     # under FSDP the forwards every process must take part in.
-    with training.accelerator.autocast():
-        return score(training.model, training.eval_loader,
-                     training.config.train.eval_max_batches).mean_loss
+    t0 = time.perf_counter()
+    loss = score(training.model, training.eval_loader, autocast=autocast_dtype(training.config.train.mixed_precision),
+                 loss=training.loss).mean_loss
+    training.eval_seconds += time.perf_counter() - t0
+    return loss
 
 
 @torch.no_grad()

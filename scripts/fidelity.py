@@ -276,7 +276,7 @@ def finetune_parity(base: Path, files: dict[str, Path], size: Size, seeds: list[
                 "optim.min_8bit_size=1024", f"train.max_steps={size.finetune_steps}",
                 f"train.micro_batch_size={size.finetune_batch}", "train.grad_accum_steps=1",
                 f"train.seq_len={size.seq_len}", f"train.eval_every_steps={size.finetune_steps}",
-                "train.eval_max_batches=100000", "train.gradient_checkpointing=false", "train.save_every_steps=0",
+                "train.eval_max_sequences=100000", "train.gradient_checkpointing=false", "train.save_every_steps=0",
                 "train.sample_prompts=[]", "train.progress=false", "train.loggers=[]",
             ])
             t0 = time.perf_counter()

@@ -65,7 +65,7 @@ def smollm2() -> Path:
 SMOLLM2_RUN = [
     "data.format=alpaca", f"data.path={ALPACA_5000}", "data.on_invalid=skip", "data.eval_fraction=0.02",
     "train.seq_len=128", "train.micro_batch_size=4", "train.grad_accum_steps=1", "train.max_steps=8",
-    "train.eval_every_steps=8", "train.eval_max_batches=4", "train.save_every_steps=0",
+    "train.eval_every_steps=8", "train.eval_max_sequences=16", "train.save_every_steps=0",
     "train.sample_prompts=[Give three tips for staying healthy.]", "train.max_new_tokens=16",
     "optim.lr=1e-3", "optim.warmup_steps=0", "optim.min_8bit_size=4096",
     "lora.r=16", "lora.alpha=32", "lora.dropout=0.0", "data.group_by_length=true",

@@ -27,27 +27,41 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
 
 
+def _stand_in(tmp_path: Path, name: str = "data.json") -> Path:
+    stand_in = tmp_path / name
+    stand_in.write_text(json.dumps([{"instruction": "a", "output": "b"}]))
+    return stand_in
+
+
 @pytest.mark.parametrize("recipe", sorted(recipe_paths()))
 def test_every_recipe_composes(recipe, tmp_path):
     overrides = [f"recipe={recipe}", f"output_dir={tmp_path}/out", f"cache_dir={tmp_path}"]
+    if recipe == "custom":  # for the user's own model and data, which it requires
+        with pytest.raises(ConfigError) as e:
+            compose_config(overrides)
+        assert [p.split(":")[0] for p in e.value.problems] == ["data.path", "model.name_or_path"]
+        overrides += ["model.name_or_path=someone/their-model", f"data.path={_stand_in(tmp_path)}"]
     config = compose_config(overrides)
     if config.data.path.startswith("../shared/") and not Path(config.data.path).is_file():
         # The team's shared data is not beside this checkout: validate the rest against a stand-in file.
-        stand_in = tmp_path / Path(config.data.path).name
-        stand_in.write_text(json.dumps([{"instruction": "a", "output": "b"}]))
-        config = compose_config([*overrides, f"data.path={stand_in}"])
+        config = compose_config([*overrides, f"data.path={_stand_in(tmp_path, Path(config.data.path).name)}"])
     assert isinstance(config, Config)
     assert isinstance(config.quant.method, QuantMethod)
     assert recipe_description(recipe_paths()[recipe]), f"recipes/{recipe}.yaml needs a '# description' first line"
     # Hub-model recipes validate without the network: nothing is loaded at this point.
     validate(config)
-    if not builds_scratch_model(config.model):  # `qlora plan` sizes a hub model from these shapes
+    if not builds_scratch_model(config.model) and recipe != "custom":  # `qlora plan` sizes a hub model from these
         assert set(config.model.architecture.given()) == {f.name for f in dataclasses.fields(ArchitectureConfig)}
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_group_option_composes(group, option, tmp_path):
-    config = compose_config([f"{group}={option}", f"output_dir={tmp_path}/out", f"cache_dir={tmp_path}"])
+    overrides = [f"{group}={option}", f"output_dir={tmp_path}/out", f"cache_dir={tmp_path}"]
+    if option == "custom" or (group == "model" and not option.startswith("tiny")):  # recipe=custom: own data
+        overrides.append(f"data.path={_stand_in(tmp_path)}")
+    if (group, option) == ("model", "custom"):
+        overrides.append("model.name_or_path=someone/their-model")
+    config = compose_config(overrides)
     assert isinstance(config, Config)
 
 
@@ -83,7 +97,7 @@ def test_command_line_beats_recipe(tmp_path):
 @pytest.mark.parametrize("override,expected", [
     ("lora.rr=3", "unknown config key 'lora.rr'; keys in 'lora': r, alpha, dropout"),
     ("quant=nf5", "unknown quant 'nf5'; choose one of: fp4, fp4-dq, int8, nf4, nf4-dq, none"),
-    ("recipe=nope", "unknown recipe 'nope'; choose one of: default"),
+    ("recipe=nope", "unknown recipe 'nope'; choose one of: custom, default"),
     ("lora.r=abc", "lora.r: Value 'abc' of type 'str' could not be converted to Integer"),
     ("optim.name=sgd", "optim.name: Invalid value 'sgd', expected one of [paged_adamw_8bit"),
     ("bogus=1", "unknown config key 'bogus'; keys in the top level: model, quant"),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -196,17 +195,25 @@ def test_bad_records_are_named_with_file_line_and_field(bpe, row, settings, mess
             else {"text": "A cow says moo."} if settings.get("format") == DataFormat.text
             else {"instruction": "a", "output": "b"})
     with pytest.raises(QloraError, match=f"^d.jsonl {message}.*; fix or remove those records"):
-        encode([good, row], bpe, **settings)
+        encode([good, row], bpe, on_invalid=OnInvalid.error, **settings)
 
 
-def test_every_bad_record_is_counted_and_skip_is_explicit(bpe):
+def test_every_bad_record_is_counted_and_a_few_are_skipped(bpe):
     rows = [{"instruction": "a", "output": "b"}, {"instruction": "a"}, {"instruction": "c", "output": "d"},
             {"instruction": "a", "output": ""}]
     with pytest.raises(QloraError, match=r"line 2: 'output' is missing \(and 1 more: line 4\).*on_invalid=skip"):
+        encode(rows, bpe, on_invalid=OnInvalid.error)
+    # Half the records bad is a wrong format or mapping, not a few typos: the default refuses it too.
+    with pytest.raises(QloraError, match=r"line 2: 'output' is missing \(and 1 more: line 4\); that is 50.0% of "
+                                         r"its records, more than data.max_invalid_fraction=0.01"):
         encode(rows, bpe)
-    examples, stats = encode(rows, bpe, on_invalid=OnInvalid.skip)
+    examples, stats = encode(rows, bpe, max_invalid_fraction=0.5)
     assert [e.record for e in examples] == [0, 2]
     assert stats.skipped == 2 and stats.skipped_why == ["line 2: 'output' is missing", "line 4: 'output' is empty"]
+    many = [{"instruction": f"q{i}", "output": "a"} for i in range(200)] + rows[1:2] + rows[3:]
+    examples, stats = encode(many, bpe)  # 2 of 202 is 0.99%: skipped by default, each one named
+    assert len(examples) == 200
+    assert stats.skipped_why == ["line 201: 'output' is missing", "line 202: 'output' is empty"]
 
 
 def test_overlong_samples_are_truncated_dropped_or_refused_and_counted(bpe):
@@ -258,7 +265,7 @@ def test_jsonl_rows_are_named_by_line_even_after_blank_lines(tmp_path, bpe):
     path.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "a"}\n')
     source = qdata.read_source(str(path), "train")
     with pytest.raises(QloraError, match=r"d.jsonl line 3: 'output' is missing"):
-        qdata.encode(source, DataConfig(path=str(path)), bpe, None, 64)
+        qdata.encode(source, DataConfig(path=str(path), on_invalid=OnInvalid.error), bpe, None, 64)
 
 
 @pytest.mark.parametrize("suffix", ["csv", "parquet"])
@@ -283,9 +290,9 @@ def test_reads_the_shared_alpaca_sample(bpe):
     source = qdata.read_source(str(path), "train")
     assert len(source.rows) == 5000 and {"instruction", "input", "output"} <= set(source.rows[0])
     with pytest.raises(QloraError, match="record 2336: 'output' is empty \\(and 1 more: record 4659\\)"):
-        qdata.encode(source, DataConfig(path=str(path)), bpe, None, 512)
+        qdata.encode(source, DataConfig(path=str(path), on_invalid=OnInvalid.error), bpe, None, 512)
     with_input = sum(bool(r["input"]) for r in source.rows)
-    examples, stats = qdata.encode(source, replace(DataConfig(path=str(path)), on_invalid=OnInvalid.skip), bpe, None,
-                                   512)
+    examples, stats = qdata.encode(source, DataConfig(path=str(path)), bpe, None, 512)  # the default skips the two
+    assert stats.skipped_why == ["record 2336: 'output' is empty", "record 4659: 'output' is empty"]
     assert stats.kept == 4998 - stats.dropped and 0 < with_input < 5000
     assert all(np.any(e.labels != IGNORE) for e in examples)

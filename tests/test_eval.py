@@ -32,7 +32,7 @@ def trained(tmp_path_factory):
     cache = root / "cache"
     config = compose_config([f"cache_dir={cache}", f"model.scratch.path={cache}/tiny128", *TINY,
                              f"output_dir={root / 'run'}", "train.max_steps=30", "train.eval_every_steps=30",
-                             "train.eval_max_batches=1000", "data.eval_fraction=0.1"])
+                             "train.eval_max_sequences=100000", "data.eval_fraction=0.1"])
     result = run(config)
     return root, result, config
 

@@ -168,13 +168,16 @@ def test_check_refuses_a_run_that_cannot_fit_and_names_the_setting(tiny_config):
         check_fits(config, "cuda")
     assert check_fits(tiny_config("train.memory_limit_gb=1.02", "train.check_memory=false",
                                   "train.micro_batch_size=64"), "cuda") is None
-    assert check_fits(config, "cpu") is None  # CPU memory is not planned
+    on_cpu = check_fits(config, "cpu")  # planned (and written to summary.json), never refused
+    assert on_cpu.device == "cpu" and on_cpu.host_bytes > 0 and on_cpu.total_bytes > on_cpu.host_bytes
 
 
 def test_a_hub_model_is_planned_from_model_architecture_without_downloading(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = tmp_path / "data.json"  # recipe=custom (a hub model, no recipe) needs the user's data; plan reads none
+    data.write_text('[{"instruction": "a", "output": "b"}]')
     config = compose_config([f"output_dir={tmp_path}/run", "model=llama3.1-8b", "train.memory_limit_gb=80",
-                             "lora.r=64", "train.micro_batch_size=1", "train.seq_len=2048"])
+                             "lora.r=64", "train.micro_batch_size=1", "train.seq_len=2048", f"data.path={data}"])
     estimate = plan(config, "cuda")
     assert estimate.parameters == 8_030_261_248  # Llama 3.1 8B
     # 4-bit with double quantization: 4.127 bits per quantized weight (the QLoRA paper's figure), to 0.1%

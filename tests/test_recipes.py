@@ -74,7 +74,9 @@ def test_the_model_column_is_what_the_recipe_loads(infos):
     assert models["default"] == "tiny-llama" and models["tiny-alpaca"] == "tiny-llama-bpe"
     assert models["llama3.1-8b-instruct-ultrachat"] == "meta-llama/Llama-3.1-8B-Instruct"
     assert models["llama3.1-70b-alpaca"] == "meta-llama/Llama-3.1-70B"
-    assert all(model in hub_models for name, model in models.items() if name not in ("default", "tiny-alpaca"))
+    assert models["custom"] == "model.name_or_path"  # the user's own
+    assert all(model in hub_models for name, model in models.items()
+               if name not in ("default", "tiny-alpaca", "custom"))
 
 
 def matches_published(count: int, published: str) -> bool:
@@ -86,18 +88,25 @@ def matches_published(count: int, published: str) -> bool:
     return f"{billions:.{digits}f}" == published or f"{math.floor(billions * scale) / scale:.{digits}f}" == published
 
 
-@pytest.mark.parametrize("option", [o for o in model_options() if not o.startswith("tiny-")])
+@pytest.mark.parametrize("option", [o for o in model_options() if not o.startswith("tiny-") and o != "custom"])
 def test_architecture_builds_with_the_published_parameter_count(option, tmp_path):
     torch = pytest.importorskip("torch")
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = compose_config([f"model={option}", f"output_dir={tmp_path}/run", f"cache_dir={tmp_path}"])
+    from qlora.model import attention_implementation
+
+    data = tmp_path / "data.json"  # a hub model without a recipe composes recipe=custom, which needs data
+    data.write_text('[{"instruction": "a", "output": "b"}]')
+    config = compose_config([f"model={option}", f"output_dir={tmp_path}/run", f"cache_dir={tmp_path}",
+                             f"data.path={data}"])
     arch = config.model.architecture.given()
     assert set(arch) == set(vars(ArchitectureConfig())), f"model option {option} needs a complete architecture"
     assert option in PUBLISHED_BILLIONS, f"add the published parameter count of model option {option}"
     hf_config = AutoConfig.for_model(**arch)
+    attention = attention_implementation(config.model, hf_config)
+    assert attention == ("eager" if option == "gemma2-9b" else "sdpa")  # read from the architecture, not the name
     with torch.device("meta"):  # shapes only: no memory, no download
-        model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=config.model.attn_implementation)
+        model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=attention)
     count = sum(p.numel() for p in model.parameters())
     assert matches_published(count, PUBLISHED_BILLIONS[option]), (
         f"{option}: {count:,} parameters, published {PUBLISHED_BILLIONS[option]}B")

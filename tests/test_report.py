@@ -28,7 +28,7 @@ def trained(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("report")
     config = compose_config([f"cache_dir={root / 'cache'}", f"model.scratch.path={root / 'cache'}/tiny128", *TINY,
                              f"output_dir={root / 'run'}", "train.max_steps=10", "train.eval_every_steps=5",
-                             "train.log_every_steps=5", "train.micro_batch_size=4", "train.eval_max_batches=2",
+                             "train.log_every_steps=5", "train.micro_batch_size=4", "train.eval_max_sequences=8",
                              "train.max_new_tokens=6", "train.report=false"])
     return run(config).output_dir
 

@@ -10,12 +10,14 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from qlora.config import DataConfig, DataFormat
+from qlora.config import AUTO, Config, DataConfig, DataFormat
 from qlora.data.batches import (
     Collator,
     LengthGroupedBatches,
@@ -27,14 +29,20 @@ from qlora.data.batches import (
     unpacked,
 )
 from qlora.data.encode import IGNORE_INDEX, DataStats, Example, encode, encode_source, special_prefix
-from qlora.data.formats import CHAT_TEMPLATES, alpaca_chat_template, alpaca_prompt, resolve_chat_template
+from qlora.data.formats import (
+    CHAT_TEMPLATES,
+    alpaca_chat_template,
+    alpaca_prompt,
+    resolve_chat_template,
+    sample_texts,
+)
 from qlora.data.records import Source, read_source
 
 __all__ = [
-    "CHAT_TEMPLATES", "IGNORE_INDEX", "Collator", "DataStats", "Example", "LengthGroupedBatches", "Source",
-    "TokenizedData", "alpaca_chat_template", "alpaca_prompt", "encode", "eval_batches", "first_batch", "load",
-    "loaders", "model_inputs", "pack", "padding_fraction", "prompt_ids", "read_source", "stop_token_ids", "unpacked",
-    "use_chat_template",
+    "CHAT_TEMPLATES", "IGNORE_INDEX", "Collator", "DataStats", "Example", "HeldOutSample", "LengthGroupedBatches",
+    "Source", "TokenizedData", "alpaca_chat_template", "alpaca_prompt", "encode", "eval_batches", "first_batch",
+    "held_out_samples", "load", "loaders", "model_inputs", "pack", "padding_fraction", "prompt_ids", "read_source",
+    "stop_token_ids", "unpacked", "use_chat_template", "with_seq_len",
 ]
 
 log = logging.getLogger(__name__)
@@ -46,6 +54,8 @@ class TokenizedData:
     eval: list[Example]
     stats: DataStats
     """Of data.path (the eval file, when separate, is validated the same way)."""
+    skipped: list[str] = field(default_factory=list)
+    """Every invalid record left out (data.on_invalid=skip), as 'FILE line 18: why', of both files."""
 
 
 def use_chat_template(cfg: DataConfig, tokenizer) -> None:
@@ -62,15 +72,73 @@ def load(cfg: DataConfig, tokenizer, seq_len: int, seed: int, cache_dir: Path | 
     cache = cache_dir / "tokenized" if cfg.cache and cache_dir is not None else None
     examples, stats = encode_source(cfg.path, cfg, tokenizer, template, seq_len, cache)
     _report(cfg.path, stats)
+    skipped = [f"{cfg.path} {why}" for why in stats.skipped_why]
     if cfg.eval_path is not None:
         held_out, eval_stats = encode_source(cfg.eval_path, cfg, tokenizer, template, seq_len, cache)
         _report(cfg.eval_path, eval_stats)
+        skipped += [f"{cfg.eval_path} {why}" for why in eval_stats.skipped_why]
         train = examples
     else:
         train, held_out = split_by_record(examples, stats.records, cfg.eval_fraction, seed)
     if tokenizer.pad_token_id == tokenizer.eos_token_id:
         log.info("pad token is the EOS token; padding is masked by position, so every EOS stays trained")
-    return TokenizedData(train, held_out, stats)
+    return TokenizedData(train, held_out, stats, skipped)
+
+
+AUTO_SEQ_LEN_SHARE = 0.99
+"""train.seq_len=auto holds this share of the training samples whole; longer ones follow data.overlong."""
+AUTO_SEQ_LEN_MAX = 4096
+"""The longest train.seq_len=auto chooses (a longer one is a memory decision to make explicitly)."""
+
+
+def with_seq_len(config: Config, tokenizer, positions: int | None) -> Config:
+    """`config` with train.seq_len=auto replaced by the length its data needs: the shortest multiple of 64 that holds
+    AUTO_SEQ_LEN_SHARE of the samples of data.path whole, at most the model's `positions` and AUTO_SEQ_LEN_MAX. The
+    choice is logged; a config with a number is returned as it is."""
+    if config.train.seq_len != AUTO:
+        return config
+    cap = min(positions or AUTO_SEQ_LEN_MAX, AUTO_SEQ_LEN_MAX)
+    cache = Path(config.cache_dir).expanduser() / "tokenized" if config.data.cache else None
+    examples, _ = encode_source(config.data.path, config.data, tokenizer, resolve_chat_template(config.data, tokenizer),
+                                cap, cache)
+    lengths = np.sort([len(e) for e in examples])
+    covering = int(lengths[min(len(lengths) - 1, math.ceil(AUTO_SEQ_LEN_SHARE * len(lengths)) - 1)])
+    seq_len = min(cap, -(-covering // 64) * 64)
+    longer = int((lengths > seq_len).sum())
+    log.info("train.seq_len=auto: %d (holds %.1f%% of %d samples whole; longest %d tokens; limit %d%s)", seq_len,
+             100 * (1 - longer / len(lengths)), len(lengths), int(lengths[-1]), cap,
+             " = the model's positions" if positions is not None and cap == positions else "")
+    return replace(config, train=replace(config.train, seq_len=seq_len))
+
+
+@dataclass
+class HeldOutSample:
+    """A held-out record to answer before and after training: its prompt as trained, and its own answer."""
+
+    prompt: str
+    """What the user asked, for people (the Alpaca instruction and input; the chat's last user turn)."""
+    ids: list[int]
+    """The prompt's tokens exactly as the training sample has them, up to where the answer starts."""
+    reference: str
+    """The record's answer (the first assistant turn, for chat data)."""
+
+
+def held_out_samples(data: TokenizedData, cfg: DataConfig, count: int) -> list[HeldOutSample]:
+    """The prompts of the first `count` records of the eval split (alpaca and chat data; text has no prompts)."""
+    if count == 0 or not data.eval or cfg.format == DataFormat.text:
+        return []
+    source = read_source(cfg.eval_path or cfg.path, cfg.split)
+    chosen, seen = [], set()
+    for example in data.eval:
+        if example.record in seen:
+            continue
+        seen.add(example.record)
+        trained = np.flatnonzero(example.labels != IGNORE_INDEX)
+        prompt, reference = sample_texts(source.rows[example.record], cfg)
+        chosen.append(HeldOutSample(prompt, example.input_ids[:trained[0]].tolist(), reference))
+        if len(chosen) == count:
+            break
+    return chosen
 
 
 def _report(path: str, stats: DataStats) -> None:
@@ -79,8 +147,8 @@ def _report(path: str, stats: DataStats) -> None:
         log.warning("data %s: %.0f%% of tokens are the tokenizer's unknown token; is this the right tokenizer "
                     "for this data?", path, 100 * stats.unknown_tokens / stats.tokens)
     if stats.skipped:
-        log.warning("data %s: skipped %d invalid records (data.on_invalid=skip): %s%s", path, stats.skipped,
-                    "; ".join(stats.skipped_why), "; ..." if stats.skipped > len(stats.skipped_why) else "")
+        log.warning("data %s: skipped %d invalid record%s of %d (data.on_invalid=skip): %s", path, stats.skipped,
+                    "s" if stats.skipped > 1 else "", stats.records, "; ".join(stats.skipped_why))
 
 
 def loaders(data: TokenizedData, cfg: DataConfig, micro_batch_size: int, seq_len: int, pad_id: int, seed: int,

@@ -26,7 +26,7 @@ from qlora.errors import QloraError
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-ENCODING_VERSION = "3"  # bump when the encoding below changes, so cached tokens are never reused across versions
+ENCODING_VERSION = "4"  # bump when the encoding below changes, so cached tokens are never reused across versions
 
 
 @dataclass
@@ -52,7 +52,7 @@ class DataStats:
     skipped: int
     """Invalid records left out (data.on_invalid=skip)."""
     skipped_why: list[str]
-    """Where and why, for the first ten of them."""
+    """Where and why, for each of them ('line 18: 'output' is empty')."""
     truncated: int
     """Samples cut to seq_len (data.overlong=truncate)."""
     dropped: int
@@ -83,12 +83,38 @@ def encode_source(path: str, cfg: DataConfig, tokenizer, template: str | None, s
         try:
             examples, stats = _load(folder)
             log.info("data %s: tokenized samples from cache %s", path, folder)
-            return examples, stats
+            return examples, check_invalid(path, stats, cfg)
         except Exception as e:  # unreadable or from an incompatible version: tokenize again and replace it
+            if isinstance(e, QloraError):
+                raise
             log.warning("tokenization cache %s is unreadable (%s: %s); tokenizing again", folder, type(e).__name__, e)
     examples, stats = encode(read_source(path, cfg.split), cfg, tokenizer, template, seq_len)
     _store(folder, examples, stats)
     return examples, stats
+
+
+def check_invalid(path: str, stats: DataStats, cfg: DataConfig) -> DataStats:
+    """`stats` when its invalid records may be left out; QloraError naming them when data.on_invalid=error, or when
+    they are more than data.max_invalid_fraction of the file (a wrong format or column mapping, not a few bad
+    records). Checked on cached encodings too: the cache key leaves these settings out."""
+    _refuse_invalid(path, stats.skipped_why, stats.records, cfg)
+    return stats
+
+
+def _refuse_invalid(path: str, why: list[str], records: int, cfg: DataConfig) -> None:
+    if not why:
+        return
+    share = len(why) / max(records, 1)
+    if cfg.on_invalid == OnInvalid.skip and share <= cfg.max_invalid_fraction:
+        return
+    first, others = why[0], [w.split(":", 1)[0] for w in why[1:]]
+    more = f" (and {len(others)} more: {', '.join(others[:5])}{', ...' if len(others) > 5 else ''})" if others else ""
+    if cfg.on_invalid == OnInvalid.error:
+        fix = "fix or remove those records, map field names with data.columns, or set data.on_invalid=skip"
+    else:
+        fix = (f"that is {share:.1%} of its records, more than data.max_invalid_fraction={cfg.max_invalid_fraction}; "
+               "check data.format and data.columns, or raise data.max_invalid_fraction")
+    raise QloraError(f"{path} {first}{more}; {fix}")
 
 
 def encode(source: Source, cfg: DataConfig, tokenizer, template: str | None,
@@ -143,9 +169,8 @@ def encode(source: Source, cfg: DataConfig, tokenizer, template: str | None,
             truncated += 1
         examples.append(_example(input_ids, labels, i))
     problems.sort()
-    if cfg.on_invalid == OnInvalid.error:
-        _raise_problems(source, problems, "fix or remove those records, map field names with data.columns, "
-                        "or set data.on_invalid=skip")
+    why = [f"{source.where(i)}: {message}" for i, message in problems]
+    _refuse_invalid(source.name, why, len(source.rows), cfg)
     _raise_problems(source, overlong, "raise train.seq_len, or set data.overlong=truncate or drop")
     if not examples:
         raise QloraError(f"{source.name}: no trainable samples (all {len(source.rows)} prompts are longer than "
@@ -153,7 +178,6 @@ def encode(source: Source, cfg: DataConfig, tokenizer, template: str | None,
     kept = len({e.record for e in examples})
     tokens = sum(len(e) for e in examples)
     trained_tokens = sum(int((e.labels[1:] != IGNORE_INDEX).sum()) for e in examples)
-    why = [f"{source.where(i)}: {message}" for i, message in problems[:10]]
     unk = tokenizer.unk_token_id
     unknown = sum(int((e.input_ids == unk).sum()) for e in examples) if unk is not None else 0
     stats = DataStats(len(source.rows), kept, len(problems), why, truncated, dropped, len(examples), tokens,

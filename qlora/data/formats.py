@@ -109,6 +109,19 @@ def render_alpaca(record: dict, columns: ColumnsConfig) -> list[Segment]:
     return [(alpaca_prompt(instruction, context or ""), False), (output, True)]
 
 
+def sample_texts(record: dict, cfg: DataConfig) -> tuple[str, str]:
+    """A valid alpaca or chat record's prompt and answer, for people: the instruction (and input) and the output;
+    the user turn before the first assistant turn, and that turn."""
+    if cfg.format == DataFormat.alpaca:
+        context = record.get(cfg.columns.input)
+        instruction = _text(record, cfg.columns.instruction)
+        return (f"{instruction}\n\n{context}" if context else instruction), _text(record, cfg.columns.output)
+    conversation = messages(record, cfg.columns, cfg.roles)
+    first = next(n for n, m in enumerate(conversation) if m["role"] == "assistant")
+    asked = [m["content"] for m in conversation[:first] if m["role"] == "user"]
+    return (asked[-1] if asked else ""), conversation[first]["content"]
+
+
 def messages(record: dict, columns: ColumnsConfig, roles: RolesConfig) -> list[dict]:
     """The record's conversation as [{role, content}] with roles system / user / assistant.
 
