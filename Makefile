@@ -1,5 +1,5 @@
 # The two commands in the README. Both set up .venv first (scripts/setup.sh), then do their one job.
-.PHONY: demo test setup lint
+.PHONY: demo test setup lint test-latest lock
 
 demo: setup
 	.venv/bin/qlora train
@@ -12,3 +12,13 @@ setup:
 
 lint: setup
 	.venv/bin/ruff check qlora tests scripts
+
+# The suite against the newest versions pyproject.toml's ranges allow, in a venv of its own (.venv-latest).
+test-latest:
+	@QLORA_VENV=.venv-latest QLORA_CONSTRAINTS= scripts/setup.sh
+	.venv-latest/bin/python -m pip install --quiet --disable-pip-version-check --upgrade -e '.[dev]'
+	.venv-latest/bin/python -m pytest -q
+
+# Record .venv's versions (all but torch, which setup.sh picks per machine) as the ones set-up installs.
+lock: setup
+	.venv/bin/python -m pip freeze --exclude-editable | grep -v '^torch==' > constraints.txt

@@ -248,7 +248,7 @@ def _preflight(args: list[str]) -> list[str]:
         raise ConfigError("the sweep mixes the demo's model with models of your own, which get different recipes; "
                           "name one with recipe=NAME")
     recipe = chosen.pop()
-    if recipe is not None:
+    if recipe is not None and parsed.cfg:  # a run logs its recipe itself
         print(f"qlora: recipe={recipe} (the model is not the demo's, so no demo settings; recipe=NAME picks another)",
               file=sys.stderr)
     extra = [f"recipe={recipe}"] if recipe else []

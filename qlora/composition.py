@@ -120,6 +120,8 @@ def _compose(overrides: list[str]) -> Config:
         cfg = compose("config", overrides=overrides, return_hydra_config=True)
     except (ConfigCompositionException, OverrideParseException, OmegaConfBaseException) as e:
         raise ConfigError(explain(e)) from e
+    except AssertionError as e:  # OmegaConf's assertion when an override sets a key below a null node
+        raise ConfigError(_below_null(overrides) or str(e)) from e
     HydraConfig.instance().set_config(cfg)  # resolves ${hydra:...} in output_dir
     with read_write(cfg), open_dict(cfg):
         del cfg["hydra"]
@@ -184,6 +186,22 @@ def expand_sweeps(parsed: list) -> list[list[str]]:
         for value in values[1:]:
             runs.append([*base[:i], f"{parsed[i].get_key_element()}={value}", *base[i + 1:]])
     return runs
+
+
+def _below_null(overrides: list[str]) -> str | None:
+    """Which override sets a key whose parent node is null in this composition (model.scratch.* for a model that is
+    not built from a config), as a one-line message; None if none does."""
+    nested = [o for o in parse_overrides(overrides) if o.key_or_group.count(".") >= 2]
+    try:
+        cfg = compose("config", overrides=[o.input_line for o in parse_overrides(overrides) if o not in nested])
+    except Exception:  # noqa: BLE001 (the caller reports the original error)
+        return None
+    for o in nested:
+        parent = o.key_or_group.rpartition(".")[0]
+        if OmegaConf.select(cfg, parent) is None:
+            return (f"'{o.input_line}': {parent} is null in this config, so it has no keys to set "
+                    f"(model.scratch applies to models built from a config); drop the override")
+    return None
 
 
 def explain(e: Exception) -> str:

@@ -551,7 +551,8 @@ class EvalCommand:
     batch_size: int = 8
     """Sequences per forward pass."""
     max_sequences: int | None = None
-    """Score at most this many sequences (the first of the subset, in data order)."""
+    """Score at most this many sequences (the first of the subset, in data order). Default: all, except for a run
+    scored on its own eval split, which gets the first train.eval_max_sequences, as its training evaluations did."""
     seed: int | None = None
     """Seed of the train/eval split. Default: the run's seed, else 42 (training's default)."""
     output: str = "eval.json"

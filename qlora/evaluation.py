@@ -203,7 +203,10 @@ def evaluate(cmd: EvalCommand, out=None) -> Report:
     qdata.use_chat_template(cmd.data, target.tokenizer)
     loaded = qdata.load(cmd.data, target.tokenizer, target.seq_len, target.seed, target.cache_dir)
     examples, which = select(loaded, subset, cmd.data)
-    examples = examples[:cmd.max_sequences]
+    limit = cmd.max_sequences
+    if limit is None and target.own_data and subset == EvalSubset.eval:
+        limit = target.config.train.eval_max_sequences  # as training scored it: the same figure
+    examples = examples[:limit]
     if not examples:
         raise QloraError(f"the {which} of {cmd.data.path} holds no sequences to score; choose another subset")
 

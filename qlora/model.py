@@ -256,9 +256,10 @@ def _keep_training_layout(model: nn.Module) -> None:
 def _not_loadable(what: str, name: str, e: Exception) -> str:
     """Why the model (config, tokenizer) at `name` did not load: files missing from a folder, transformers refusing
     what the files ask for (an attention implementation, an unknown architecture), or the hub out of reach."""
-    if not Path(name).expanduser().exists():
+    folder = Path(name).expanduser()
+    if not folder.exists():
         return f"could not load the {what}: {hub.unavailable(name)}"
-    if isinstance(e, OSError):
+    if isinstance(e, OSError) or (folder.is_dir() and not (folder / "config.json").is_file()):
         return f"could not load the {what} from {name} ({first_line(e)}); is it a complete HF model folder?"
     fix = ("; set model.attn_implementation=auto, eager or sdpa" if "attention" in str(e).lower()
            else "; check the model's config.json and the installed transformers version")

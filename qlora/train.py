@@ -26,6 +26,7 @@ from accelerate import Accelerator
 from qlora import checkpoint, demo, distributed, hub, runfolder
 from qlora import data as qdata
 from qlora.attention import use_per_sample_sdpa
+from qlora.composition import recipe_description, recipe_paths
 from qlora.config import AUTO, Config, DistStrategy, OnNonFinite, validate
 from qlora.errors import ConfigError, QloraError
 from qlora.evaluation import perplexity, score, scored_tokens
@@ -160,10 +161,12 @@ def _run(config: Config, accelerator: Accelerator, resumed: checkpoint.Checkpoin
     out = Path(config.output_dir)
     device = accelerator.device
     set_seed(config.seed)
-    log.info("qlora run -> %s (%sdevice %s, compute dtype %s, mixed precision %s; %s)%s", out,
-             f"recipe {recipe}, " if recipe else "", device, _name(compute_dtype(config.quant, device)),
-             accelerator.mixed_precision, distributed.describe(accelerator, config.dist),
+    log.info("qlora run -> %s (device %s, compute dtype %s, mixed precision %s; %s)%s", out, device,
+             _name(compute_dtype(config.quant, device)), accelerator.mixed_precision,
+             distributed.describe(accelerator, config.dist),
              f"; resuming from {resumed.path} at step {resumed.step}" if resumed else "")
+    if recipe in recipe_paths():
+        log.info("recipe %s: %s", recipe, recipe_description(recipe_paths()[recipe]))
 
     # Tokenizer (and whatever the demo generates); hub ids fail fast when there is no network. The main process
     # goes first where files are written (generated assets, the token cache); the others then read them.

@@ -29,6 +29,7 @@ ASSUMED_MFU = 0.30
 DEMO_TIMES = {  # measured on the 2-core CPU this project is developed on
     "default": "about 1 min on a 2-core CPU",
     "tiny-alpaca": "about 3 min on a 2-core CPU",
+    "smollm2-alpaca": "about 8 min on a 2-core CPU",
 }
 
 

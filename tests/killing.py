@@ -87,8 +87,10 @@ def interrupted_run(args: list[str], run_dir: Path, plan: list[tuple[str, int]],
     return report
 
 
-WALL_CLOCK = ("tokens_per_s", "memory_gb", "seconds", "peak_memory_gb")
-"""Metrics and summary keys that measure the process (time, memory), which no two runs share."""
+WALL_CLOCK = ("tokens_per_s", "memory_gb", "seconds", "peak_memory_gb", "eval_seconds", "eval_share",
+              "planned_memory_gb")
+"""Metrics and summary keys that measure the process (time, memory; a CPU plan counts the process's resident
+memory), which no two runs share."""
 
 
 def comparable_summary(run_dir: Path) -> dict:

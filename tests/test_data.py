@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -296,3 +297,44 @@ def test_reads_the_shared_alpaca_sample(bpe):
     assert stats.skipped_why == ["record 2336: 'output' is empty", "record 4659: 'output' is empty"]
     assert stats.kept == 4998 - stats.dropped and 0 < with_input < 5000
     assert all(np.any(e.labels != IGNORE) for e in examples)
+
+
+def _alpaca_file(tmp_path, lengths: list[int]) -> str:
+    """An Alpaca file whose records' outputs are `n` words long, for each n in `lengths`."""
+    path = tmp_path / "lengths.jsonl"
+    path.write_text("".join(json.dumps({"instruction": f"Say {n} words.", "output": " ".join(["moo"] * n)}) + "\n"
+                            for n in lengths))
+    return str(path)
+
+
+def test_seq_len_auto_holds_99_percent_of_the_samples_capped_by_the_model(tmp_path, bpe, tiny_config):
+    lengths = [8] * 297 + [150, 160, 1000]  # 3 long outliers of 300: 1% may be cut
+    config = tiny_config("train.seq_len=auto", f"data.path={_alpaca_file(tmp_path, lengths)}", "data.cache=false")
+    tokenized = sorted(len(e) for e in qdata.encode(qdata.read_source(config.data.path, "train"), config.data, bpe,
+                                                    None, 100_000)[0])
+    covering = tokenized[math.ceil(0.99 * len(tokenized)) - 1]  # the 297th shortest
+    chosen = qdata.with_seq_len(config, bpe, positions=4096).train.seq_len
+    assert chosen % 64 == 0 and chosen - 64 < covering <= chosen
+    positions = tokenized[0] + 3  # never past the model's positions, even when that cuts most samples
+    assert qdata.with_seq_len(config, bpe, positions=positions).train.seq_len == positions
+    fixed = tiny_config("train.seq_len=96")
+    assert qdata.with_seq_len(fixed, bpe, positions=4096) is fixed  # a number is kept as given
+
+
+def test_held_out_samples_are_prompts_as_trained_with_their_answers(tmp_path, bpe):
+    rows = [{"instruction": f"What does animal {i} say?", "input": "In one word." if i % 2 else "",
+             "output": f"Sound {i}."} for i in range(40)]
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = DataConfig(path=str(path), eval_fraction=0.25, cache=False)
+    data = qdata.load(cfg, bpe, 256, 42, None)
+    samples = qdata.held_out_samples(data, cfg, 3)
+    assert len(samples) == 3
+    for sample, example in zip(samples, data.eval, strict=False):
+        record = rows[example.record]
+        assert sample.prompt == record["instruction"] + (f"\n\n{record['input']}" if record["input"] else "")
+        assert sample.reference == record["output"]
+        start = int(np.flatnonzero(example.labels != IGNORE)[0])  # the prompt is everything before the answer
+        assert sample.ids == example.input_ids[:start].tolist()
+        assert bpe.decode(example.input_ids[start:]).startswith(record["output"])
+    assert qdata.held_out_samples(data, DataConfig(path=str(path), format=DataFormat.text), 3) == []  # no prompts

@@ -116,6 +116,56 @@ def test_eval_forward_keeps_the_training_layout(tiny_config, tiny_model_dir):
 def test_missing_model_is_a_clear_error(tiny_config, tmp_path):
     from qlora.errors import QloraError
 
-    config = tiny_config(f"model.name_or_path={tmp_path}")
-    with pytest.raises(QloraError, match="could not load the model from"):
+    config = tiny_config("recipe=default", f"model.name_or_path={tmp_path}")
+    with pytest.raises(QloraError, match="could not load the model (config )?from .*is it a complete HF model folder"):
+        load_base_model(config.model, config.quant, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def gemma2(tmp_path_factory) -> Path:
+    """A tiny random Gemma 2 folder (soft-capped attention and logits, sliding window, tied embeddings)."""
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    folder = tmp_path_factory.mktemp("gemma2") / "model"
+    tokenizer = demo.build_demo_tokenizer()
+    config = Gemma2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=256,
+                          sliding_window=32, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    demo.write_demo_dataset(folder.parent / "animals.jsonl")
+    return folder
+
+
+def test_gemma2_trains_and_exports_with_the_attention_its_architecture_supports(gemma2, tmp_path):
+    """transformers computes no sdpa attention for Gemma 2 (its scores are soft-capped), and says so in the model
+    class the config names: attn_implementation=auto picks eager from that, no setting given, no name read."""
+    from qlora.composition import compose_command, compose_config
+    from qlora.config import ExportCommand
+    from qlora.export import export
+    from qlora.runfolder import read_trained
+    from qlora.train import run
+
+    config = compose_config([f"model.name_or_path={gemma2}", f"data.path={gemma2.parent / 'animals.jsonl'}",
+                             f"cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'run'}", "train.max_steps=4",
+                             "train.seq_len=64", "train.grad_accum_steps=1", "train.eval_every_steps=4",
+                             "train.samples_from_eval=1", "train.max_new_tokens=4", "train.loggers=[]",
+                             "train.progress=false", "train.report=false"])
+    assert config.model.attn_implementation == "auto"
+    result = run(config)
+    assert result.model.config._attn_implementation == "eager"
+    assert read_trained(str(result.output_dir)).config.model.attn_implementation == "eager"  # what ran, recorded
+    assert result.final_eval_loss < result.first_eval_loss
+    exported = export(compose_command(ExportCommand, [f"run_dir={result.output_dir}", f"output_dir={tmp_path / 'x'}"]))
+    assert not exported.verification.failed
+
+
+def test_an_attention_the_architecture_lacks_is_named_as_such(gemma2, tiny_config):
+    from qlora.errors import QloraError
+
+    config = tiny_config("recipe=default", f"model.name_or_path={gemma2}", "model.attn_implementation=sdpa")
+    with pytest.raises(QloraError, match=r"^transformers cannot load the model from .*: Gemma2ForCausalLM does not "
+                                         r"support .*scaled_dot_product_attention.*; set model.attn_implementation"):
         load_base_model(config.model, config.quant, torch.device("cpu"))

@@ -33,6 +33,7 @@ PUBLISHED_BILLIONS = {
     "qwen2.5-14b": "14.7",
     "gemma2-9b": "9.24",
     "phi3-mini": "3.82",
+    "smollm2-135m-instruct": "0.135",  # its model card: 135M
 }
 
 
@@ -75,8 +76,9 @@ def test_the_model_column_is_what_the_recipe_loads(infos):
     assert models["llama3.1-8b-instruct-ultrachat"] == "meta-llama/Llama-3.1-8B-Instruct"
     assert models["llama3.1-70b-alpaca"] == "meta-llama/Llama-3.1-70B"
     assert models["custom"] == "model.name_or_path"  # the user's own
+    assert models["smollm2-alpaca"].endswith("/models/smollm2-135m-instruct")  # a folder in the cache
     assert all(model in hub_models for name, model in models.items()
-               if name not in ("default", "tiny-alpaca", "custom"))
+               if name not in ("default", "tiny-alpaca", "custom", "smollm2-alpaca"))
 
 
 def matches_published(count: int, published: str) -> bool:

@@ -21,21 +21,34 @@ def adapter(result) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in result.model.named_parameters() if p.requires_grad}
 
 
+# Two ways of computing the same loss agree to float rounding, not bit for bit, and the optimizer decides how far that
+# carries. An 8-bit optimizer state turns a last-bit difference into a whole quantization step now and then, on one
+# CPU and not on another; torch's float32 AdamW does not. It still divides by the gradient's running size, so an
+# element whose gradient is nearly 0 can move by a small share of one step (lr 3e-3 here): hence 1% of lr.
+EXACT_OPTIMIZER = ["optim=adamw"]
+ADAPTER_ATOL = 3e-5
+
+
+def max_adapter_difference(a, b) -> float:
+    theirs = adapter(b)
+    return max(float((value - theirs[name]).abs().max()) for name, value in adapter(a).items())
+
+
 @pytest.mark.parametrize("chunk", ["7", "100000"])
 def test_chunked_loss_trains_as_the_full_logits_do(tiny_config, tmp_path, chunk):
     """Chunks smaller than a micro batch's trained tokens and one chunk for all of them, against full logits."""
-    full = run(tiny_config(*STEPS, "train.loss_chunk_tokens=0", output_dir=tmp_path / "full"))
-    chunked = run(tiny_config(*STEPS, f"train.loss_chunk_tokens={chunk}", output_dir=tmp_path / "chunked"))
+    full = run(tiny_config(*STEPS, *EXACT_OPTIMIZER, "train.loss_chunk_tokens=0", output_dir=tmp_path / "full"))
+    chunked = run(tiny_config(*STEPS, *EXACT_OPTIMIZER, f"train.loss_chunk_tokens={chunk}",
+                              output_dir=tmp_path / "chunked"))
     assert losses(chunked) == pytest.approx(losses(full), rel=1e-5)
-    for name, value in adapter(full).items():
-        torch.testing.assert_close(adapter(chunked)[name], value, rtol=1e-4, atol=1e-6)
+    assert max_adapter_difference(chunked, full) < ADAPTER_ATOL
 
 
 @pytest.mark.parametrize("packing", ["false", "true"])
 def test_chunked_loss_over_packed_and_padded_batches(tiny_config, tmp_path, packing):
     runs = [run(tiny_config(*STEPS, f"data.packing={packing}", f"train.loss_chunk_tokens={c}",
                             output_dir=tmp_path / c)) for c in ("0", "16")]
-    assert losses(runs[1]) == pytest.approx(losses(runs[0]), rel=1e-5)
+    assert losses(runs[1]) == pytest.approx(losses(runs[0]), rel=1e-5)  # the paged 8-bit optimizer: losses only
 
 
 def test_embeddings_in_the_compute_dtype(tiny_config, tmp_path):
@@ -83,11 +96,9 @@ def test_recomputing_some_layers_trains_as_recomputing_none_or_all(tiny_config, 
 
 def test_per_sample_attention_trains_as_the_block_diagonal_mask(tiny_config, tmp_path):
     packed = [*STEPS, "data.packing=true"]
-    runs = {value: run(tiny_config(*packed, f"train.per_sample_attention={value}", output_dir=tmp_path / value))
+    runs = {value: run(tiny_config(*packed, *EXACT_OPTIMIZER, f"train.per_sample_attention={value}",
+                                   output_dir=tmp_path / value))
             for value in ("false", "true")}
     assert [runs[v].model.config._attn_implementation for v in ("false", "true")] == ["sdpa", PER_SAMPLE_SDPA]
     assert losses(runs["true"]) == pytest.approx(losses(runs["false"]), rel=1e-5)
-    # Adam divides by the gradient's running size, so an element whose gradient is nearly 0 can move by a few
-    # percent of one step (lr ~1e-3 here) on float rounding alone.
-    for name, value in adapter(runs["false"]).items():
-        torch.testing.assert_close(adapter(runs["true"])[name], value, rtol=1e-4, atol=1e-4)
+    assert max_adapter_difference(runs["true"], runs["false"]) < ADAPTER_ATOL
