@@ -40,6 +40,9 @@ Errors are one line each; pass debug=true (or set QLORA_DEBUG=1) for the traceba
 
 
 def main(argv: list[str] | None = None) -> int:
+    from qlora.memory import one_malloc_arena
+
+    one_malloc_arena()  # before torch starts its threads
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE, end="")

@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from qlora import memory
 from qlora.config import AUTO, Config, DType, OptimizerName, QuantMethod, ScratchTokenizer, builds_scratch_model
 from qlora.errors import QloraError
 
@@ -50,7 +51,7 @@ AUTO_SHARE = 0.9
 an estimate (within 5% where measured, docs/plan.md)."""
 HOST_RESERVE = GIB
 """Left free of the available RAM when planning a CPU run."""
-CPU_ALLOCATOR_SHARE = 0.5
+CPU_ALLOCATOR_SHARE = 0.0
 """On a CPU, the process grows by about 1.5 times the bytes a training step's tensors hold at once: glibc's malloc
 keeps freed temporaries in its heap for reuse, fragmented, rather than returning them (measured with SmolLM2-135M on
 Alpaca batches: 1.43x at 4 x 256 tokens, 1.48x at 8 x 384, 1.56x at 2 x 128; docs/plan.md). A fixed mmap threshold
@@ -231,7 +232,7 @@ def plan(config: Config, device: str = "cuda", checkpointed: int | None = None) 
     parameters = sum(p.numel() for p in model.parameters())
     quantized_parameters = sum(m.weight.numel() for m in quantized.values())
     trainable_bytes = sum(_nbytes(p) for p in trainable)
-    host = (resident_bytes() or 0) if device == "cpu" else 0
+    host = (memory.resident_bytes() or 0) if device == "cpu" else 0
 
     def with_checkpointing(checkpointed: int) -> Plan:
         per_token = _activation_per_token(arch, len(adapted), config, dtype, autocast, upcast, checkpointed, eager)
@@ -550,32 +551,10 @@ def _host_budget(device: str) -> int | None:
     by the processes of this machine."""
     if device != "cpu":
         return None
-    available = _available_ram()
+    available = memory.available_ram()
     if available is None:
         return None
     return max(0, available - HOST_RESERVE) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-
-
-def resident_bytes() -> int | None:
-    """This process's resident memory now (Linux's VmRSS); None where it is not known."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _available_ram() -> int | None:
-    """Linux's MemAvailable (free memory plus the page cache it can reclaim); None where it is not known."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def _nbytes(t: torch.Tensor) -> int:

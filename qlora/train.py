@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from qlora import checkpoint, demo, distributed, hub, runfolder
+from qlora import checkpoint, demo, distributed, hub, memory, runfolder
 from qlora import data as qdata
 from qlora.attention import use_per_sample_sdpa
 from qlora.composition import recipe_description, recipe_paths
@@ -137,6 +137,7 @@ def run(config: Config, recipe: str | None = None) -> RunResult:
     With config.resume, continue from a checkpoint instead: the same steps, losses and adapter as a run that
     was never interrupted (bit for bit on CPU).
     """
+    memory.one_malloc_arena()
     validate(config)
     if problems := logger_problems(config.train.loggers):
         raise ConfigError(problems)
@@ -278,7 +279,7 @@ def _run(config: Config, accelerator: Accelerator, resumed: checkpoint.Checkpoin
     seconds = time.perf_counter() - started
     if accelerator.is_main_process:
         summary = {"parameters": parameters, "base_bytes": base.total_bytes if base else None,
-                   "peak_memory_gb": peak_memory_gb(device), "seconds": seconds,
+                   "peak_memory_gb": memory.peak_gb(device), "seconds": seconds,
                    "eval_seconds": training.eval_seconds, "eval_share": training.eval_seconds / seconds,
                    "planned_memory_gb": memory_plan.total_bytes / 2**30 if memory_plan else None,
                    "seq_len": config.train.seq_len, "skipped_records": data.skipped,
@@ -450,22 +451,6 @@ def _write_report(out: Path) -> None:
                     "qlora report %s retries", str(e).splitlines()[0], out)
 
 
-def peak_memory_gb(device: torch.device) -> float:
-    """Peak memory so far (GiB): CUDA's max allocated on a GPU, the process's peak resident set on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    # Linux's VmHWM is this process's own peak; getrusage's ru_maxrss survives exec, so a run started from a
-    # bigger process would report that one's peak.
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20  # kB
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**30 if sys.platform == "darwin" else 2**20)
-
-
 def train_loop(training: Training, state: TrainState) -> None:
     """Run optimizer steps from `state` up to train.max_steps, checkpointing as configured.
 
@@ -545,7 +530,7 @@ def _train_row(training: Training, state: TrainState, loss: float, grad_norm: fl
            "tokens_per_s": tokens_per_s, "tokens_seen": state.tokens_seen}
     if grad_norm is not None:
         row["grad_norm"] = grad_norm
-    row["memory_gb"] = peak_memory_gb(training.accelerator.device)
+    row["memory_gb"] = memory.peak_gb(training.accelerator.device)
     return row
 
 

@@ -105,7 +105,8 @@ class Shape:
 class Workload:
     """What both sides train, and how often each is measured."""
 
-    shape: Shape
+    shape: Shape | None
+    """The random-init model to build; None: a pretrained model folder given with --model."""
     seq_len: int
     micro_batch_size: int
     max_steps: int
@@ -131,6 +132,10 @@ WORKLOADS = {
                           max_position_embeddings=131072, rope_theta=500000.0),
                     seq_len=2048, micro_batch_size=8, max_steps=20, warmup_steps=5, repeats=2,
                     lora_r=64, lora_alpha=16.0, lora_dropout=0.1, max_seq_len=131072),
+    # A real pretrained model (--model DIR: SmolLM2-135M-Instruct from ../shared/models/smollm2.py) on the CPU: its
+    # own 49,152-token tokenizer, tied embeddings, 30 layers.
+    "smollm2": Workload(None, seq_len=512, micro_batch_size=4, max_steps=16, warmup_steps=3, repeats=2,
+                        max_seq_len=8192),
 }
 
 
@@ -310,6 +315,7 @@ def qlora_overrides(workload: Workload, model_dir: Path, data: Path, work: Path,
         f"train.max_steps={workload.max_steps}", f"train.micro_batch_size={workload.micro_batch_size}",
         "train.grad_accum_steps=1", f"train.seq_len={workload.seq_len}",
         "train.log_every_steps=1", "train.eval_every_steps=0", "train.save_every_steps=0", "train.sample_prompts=[]",
+        "train.samples_from_eval=0",
         "train.loggers=[]", "train.progress=false", "train.report=false",
         f"cache_dir={work}", f"output_dir={output_dir}", *extra,
     ]
@@ -675,7 +681,7 @@ def table(report: dict) -> str:
     """The report as Markdown: a header (command, date, versions, device, setup) and the figures."""
     medians, ratios, runs = report["medians"], report["ratios"], report["runs"]
     w = report["workload"]
-    shape = w["shape"]
+    shape = report["architecture"]
 
     def each(figure: str, fmt: Callable[[float], str]) -> list[str]:
         cells = []
@@ -700,7 +706,7 @@ def table(report: dict) -> str:
     lines = [
         f"Command: `{report['command']}`  ",
         f"Date: {report['date']}; device: {report['device']}; {versions}  ",
-        f"Model: random-init Llama architecture, {report['parameters']:,} parameters (hidden {shape['hidden_size']}, "
+        f"Model: {report['model']}, {report['parameters']:,} parameters (hidden {shape['hidden_size']}, "
         f"{shape['num_hidden_layers']} layers, MLP {shape['intermediate_size']}, {shape['num_attention_heads']} heads, "
         f"{shape['num_key_value_heads']} KV heads, vocab {report['vocab_size']:,}); nf4 + double quant, "
         f"{report['compute_dtype']} compute{' with bf16 autocast' if report['compute_dtype'] == 'bfloat16' else ''}  ",
@@ -801,6 +807,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="auto: the GPU when there is one")
     parser.add_argument("--data", type=Path, default=SHARED_DATA, help="an Alpaca-layout JSON file")
+    parser.add_argument("--model", type=Path, help="a pretrained model folder, for --workload smollm2 (which needs it)")
     parser.add_argument("--json", type=Path, help="also write every figure here")
     parser.add_argument("--qlora", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for the qlora side (and what the baseline reads from its config), "
@@ -843,10 +850,18 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if not cuda:
         env["CUDA_VISIBLE_DEVICES"] = ""
+    if (workload.shape is None) != (args.model is not None):
+        raise SystemExit(f"bench: --model goes with --workload smollm2 (a pretrained folder) and no other workload"
+                         f"{'' if args.model else '; build one with python ../shared/models/smollm2.py DIR'}")
+    if args.model is not None and not (args.model / "config.json").is_file():
+        raise SystemExit(f"bench: --model {args.model} is not a model folder (no config.json)")
     work = args.work or Path(tempfile.mkdtemp(prefix="qlora-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        report = benchmark(Bench(work.resolve(), env, tuple(args.qlora)), workload, args, data, cuda)
+        bench = Bench(work.resolve(), env, tuple(args.qlora))
+        if args.model is not None:
+            bench.model_dir = args.model.resolve()
+        report = benchmark(bench, workload, args, data, cuda)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -860,11 +875,14 @@ def benchmark(bench: Bench, workload: Workload, args: argparse.Namespace, data: 
     """Build the model, run both sides (and the --longest search); every figure, as the JSON report holds them."""
     # The code measured is the checkout's at the start; one whose qlora/ or configs/ change during the run is flagged.
     measured, found_versions = code_state(), versions()
-    note(f"building the model in {bench.model_dir}")
-    if cuda:  # in a process of its own: here, CUDA's context would hold GPU memory through every measured run
+    if workload.shape is None:
+        note(f"the pretrained model in {bench.model_dir}")
+    elif cuda:  # in a process of its own: here, CUDA's context would hold GPU memory through every measured run
+        note(f"building the model in {bench.model_dir}")
         bench.run("build", {"folder": str(bench.model_dir), "shape": asdict(workload.shape), "corpus": str(data),
                             "device": "cuda"})
     else:
+        note(f"building the model in {bench.model_dir}")
         build_model_folder(bench.model_dir, workload.shape, data, "cpu")
     from transformers import AutoConfig
 
@@ -889,6 +907,10 @@ def benchmark(bench: Bench, workload: Workload, args: argparse.Namespace, data: 
         "cuda": cuda,
         "compute_dtype": " / ".join(sorted({r["compute_dtype"] for side in SIDES for r in runs[side]})),
         "workload": {"name": args.workload, **asdict(workload)},
+        "model": (f"random-init {arch.model_type.capitalize()} architecture" if workload.shape is not None else
+                  f"pretrained {bench.model_dir.name} ({arch.model_type} architecture)"),
+        "architecture": {k: getattr(arch, k) for k in ("hidden_size", "num_hidden_layers", "intermediate_size",
+                                                       "num_attention_heads", "num_key_value_heads")},
         "parameters": arch_parameters(arch),
         "vocab_size": arch.vocab_size,
         "settings": settings,
