@@ -8,8 +8,9 @@ one run (the table in docs/export.md).
 Exports the run as: dequantized merges in bfloat16, float16 and float32, original merges in bfloat16 and float32,
 GGUF at f16 and q8_0, and (--wrong) merges made wrong in merge.py (the adapter scaled by 0.9, one layer's update
 left out, the original weights merged as if dequantized), and prints one Markdown table row per comparison each
-export made: its checks and drift, whether it passed, and how long the export took. Extra export options (e.g.
-export.probe_samples=8) go after --options.
+export made: its checks and drift, whether it passed, and how long the export took (wall clock, and CPU time, which
+a shared machine changes less). Extra export options (e.g. export.probe_samples=8) go after --options; --only
+TEXT keeps the exports whose label contains TEXT.
 """
 
 from __future__ import annotations
@@ -94,27 +95,27 @@ def main() -> None:
         exports |= {f"{label}, {dtype}": ([f"export.dtype={dtype}", "export.compare_original=false"], kind)
                     for label, kind in WRONG.items() for dtype in DTYPES}
     print("| export | comparison | max abs logit diff | mean KL (nats) | top-1 agreement | perplexity (ref / export) "
-          "| verified | export time |")
+          "| verified | export time (wall / CPU) |")
     print("|---|---|---|---|---|---|---|---|")
     for label, (options, kind) in exports.items():
         if args.only and args.only not in label:
             continue
         out = work / label.replace(" ", "_").replace(",", "")
         cmd = compose_command(ExportCommand, [f"run_dir={run_dir}", f"output_dir={out}", *options, *args.options])
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         with wrong_merge(kind, run_dir) if kind else nullcontext():
             try:
                 export(cmd)
                 folder, verified = out, "yes"
             except QloraError:
                 folder, verified = out.with_name(out.name + ".unverified"), "**no**"
-        seconds = time.perf_counter() - t0
+        seconds = f"{time.perf_counter() - t0:.0f} s / {time.process_time() - cpu0:.0f} s"
         v = json.loads((folder / "verification.json").read_text())
         for kind_name, group in (("check", v["checks"]), ("drift", v["drift"])):
             for name, c in group.items():
                 print(f"| {label} | {name.replace('_', ' ')} ({kind_name}) | {c['max_abs_logit_diff']:.3g} | "
                       f"{c['mean_kl']:.3g} | {100 * c['top1_agreement']:.1f}% | {c['perplexity_reference']:.3f} / "
-                      f"{c['perplexity_candidate']:.3f} | {verified} | {seconds:.0f} s |", flush=True)
+                      f"{c['perplexity_candidate']:.3f} | {verified} | {seconds} |", flush=True)
     print(f"\nexports in {work}")
 
 

@@ -68,60 +68,66 @@ def test_default_bfloat16_export_passes(exports):
     v, _ = exports("bf16")  # every option at its default
     assert v["passed"] and v["max_kl"] == MAX_KL
     assert v["checks"]["merged_vs_rounded_trained"]["mean_kl"] < 1e-12  # measured 0: operation order alone
-    # what bf16 storage costs, reported (measured 1.2e-4 nats, top-1 99.7%): far above the limit, so the old rule
-    # (export vs trained) had to refuse right exports or let wrong ones through
+    # what bf16 storage costs, reported (measured 1.1e-4 nats, top-1 99.3%): above what some wrong merges do, so
+    # the old rule (export vs trained, one limit) had to refuse right exports or let wrong ones through
     rounding = v["drift"]["rounding_vs_trained"]
     assert 1e-5 < rounding["mean_kl"] < 1e-3 and rounding["top1_agreement"] > 0.98
-    assert v["drift"]["original_merge_vs_trained"]["mean_kl"] > 100 * rounding["mean_kl"]  # measured 0.07
+    assert v["drift"]["original_merge_vs_trained"]["mean_kl"] > 100 * rounding["mean_kl"]  # measured 0.26
 
 
 def test_float16_export_passes(exports):
     v, _ = exports("f16", "export.dtype=float16", "export.compare_original=false")
     assert v["passed"] and v["checks"]["merged_vs_rounded_trained"]["mean_kl"] < 1e-12
-    assert 1e-8 < v["drift"]["rounding_vs_trained"]["mean_kl"] < 1e-4  # measured 2.6e-6: f16 keeps 3 more bits
+    assert 1e-7 < v["drift"]["rounding_vs_trained"]["mean_kl"] < 3e-5  # measured 2.8e-6: f16 keeps 3 more bits
 
 
 def test_float32_export_is_base_plus_adapter(exports, smollm2_run):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qlora.model import load_trained_model
     from qlora.runfolder import read_trained
 
     v, folder = exports("f32", "export.dtype=float32", "export.compare_original=false")
     assert v["passed"] and v["checks"]["merged_vs_rounded_trained"]["mean_kl"] < 1e-12
-    assert v["drift"]["rounding_vs_trained"]["mean_kl"] < 1e-9  # float32 rounds nothing (measured 1e-11)
+    assert v["drift"]["rounding_vs_trained"]["mean_kl"] < 1e-9  # float32 rounds nothing (measured 1.0e-11)
     # Independently of the export's verification: plain transformers vs the run's quantized base + adapter.
     config = read_trained(str(smollm2_run.output_dir)).config
     trained = load_trained_model(config, smollm2_run.output_dir / "adapter", torch.device("cpu"))
-    ids = torch.tensor([[1, *range(500, 600)]])
+    ids = AutoTokenizer.from_pretrained(folder).apply_chat_template(
+        [{"role": "user", "content": "Give three tips for staying healthy."},
+         {"role": "assistant", "content": "Eat well, sleep enough and move every day."}], return_tensors="pt",
+        return_dict=True)["input_ids"]
     with torch.no_grad():
         expected = trained(input_ids=ids).logits.log_softmax(-1)
         del trained
         merged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(input_ids=ids).logits
-    assert (merged.log_softmax(-1) - expected).abs().max() < 1e-3  # measured 2e-5
+    assert (merged.log_softmax(-1) - expected).abs().max() < 1e-3  # measured 5e-5 (the issue asks < 1e-2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("wrong, least", [("scaled", 1e-3), ("left_out", 1e-7), ("original_base", 1e-2)])
+@pytest.mark.parametrize("wrong, least", [("scaled", 1e-3), ("left_out", 3e-7), ("original_base", 0.1)])
 def test_a_wrong_merge_fails_in_every_dtype(exports, wrong, least, dtype):
-    """Measured mean KL against the rounded trained model (bf16 / f16 / f32): adapter x0.9 ..., layer 0's k_proj
-    update left out ..., the original base ...; the limit is 1e-8."""
+    """Measured mean KL against the rounded trained model, the same in bf16, f16 and f32: adapter x0.9 1.8e-3;
+    layer 0's k_proj update left out 6.0e-7 to 7.2e-7 (the least of 21 layers tried on a 40-step run); the
+    original base 0.26. The limit is 1e-8, and bf16 rounding alone costs 1.1e-4."""
     v, _ = exports(f"{wrong}-{dtype}", f"export.dtype={dtype}", "export.compare_original=false", wrong=wrong)
     check = v["checks"]["merged_vs_rounded_trained"]
     assert not v["passed"] and check["mean_kl"] > least > 10 * MAX_KL, check
 
 
-@pytest.mark.parametrize("tensor_type", ["q8_0", "f16"])
-def test_gguf_export_passes_and_reads_back(exports, smollm2, tensor_type):
+@pytest.mark.parametrize("tensor_type, kl, top1", [("q8_0", 5e-3, 0.93), ("f16", 3e-4, 0.98)])
+def test_gguf_export_passes_and_reads_back(exports, smollm2, tensor_type, kl, top1):
+    """Read back, the file is the bf16 export rounded as the file stores it (f16 matrices: bf16 values exactly);
+    against the trained model, q8_0 costs mean KL 2.1e-3, top-1 95.6% (measured), f16 what bf16 did."""
     from transformers import AutoTokenizer
 
     from qlora.export.gguf_file import load_gguf_model
 
     v, folder = exports(f"gguf-{tensor_type}", "export.format=gguf", f"export.gguf_type={tensor_type}",
                         "export.compare_original=false")
-    assert v["passed"] and v["checks"]["gguf_vs_rounded_merged"]["mean_kl"] < 1e-12
+    assert v["passed"] and v["checks"]["gguf_vs_rounded_merged"]["mean_kl"] < 1e-12  # measured 0
     trained = v["drift"]["gguf_vs_trained"]
-    assert trained["top1_agreement"] > 0.98 and trained["mean_kl"] < 1e-3
+    assert trained["mean_kl"] < kl and trained["top1_agreement"] > top1, trained
     model, tokenizer = load_gguf_model(next(folder.glob("*.gguf")))
     text = "Give three tips for staying healthy."
     assert tokenizer(text)["input_ids"] == AutoTokenizer.from_pretrained(smollm2)(text)["input_ids"]

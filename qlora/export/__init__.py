@@ -1,8 +1,10 @@
 """`qlora export`: a trained run turned into a model that runs anywhere, verified to compute what was trained.
 
-run -> probe text -> trained model (quantized base + adapter) and its reference logits -> merged tensors written
-shard by shard -> the export loaded back with plain transformers and compared -> (how far `original` would drift)
--> (GGUF written, read back and compared) -> model card -> the folder renamed into place.
+run -> probe text -> trained model (quantized base + adapter): its logits as trained, and as its merge rounded to
+export.dtype computes them (the reference) -> merged tensors written shard by shard -> (how far `original` would
+drift) -> the export loaded back in float32 with plain transformers and compared with the reference -> (GGUF
+written, read back and compared with the HF export rounded as the file stores each tensor) -> model card -> the
+folder renamed into place.
 
 Everything is written into a hidden sibling of output_dir first. A verified export is renamed to output_dir;
 one that fails verification is kept as OUTPUT_DIR.unverified and the command exits non-zero; any other error
@@ -108,21 +110,19 @@ def export(cmd: ExportCommand) -> ExportResult:
     tokenizer = export_tokenizer(run)
     sample = probe(config, tokenizer, options.probe_samples, options.probe_seq_len)
     autocast = autocast_dtype(config.train.mixed_precision)
-    dtype = TORCH_DTYPES[options.dtype]
     merges = options.format != ExportFormat.adapter
     verification = Verification(sample.source, options.max_kl)
-    precision = _precision(autocast)
 
     t0 = time.perf_counter()
     trained = load_trained_model(config, run.adapter, device)
     as_trained = logits_of(trained, sample, autocast)
     reference = None  # the model the export claims to be, rounded as the export stores it, in float32
     if merges and options.merge == MergeMode.dequantized:
-        reference, rounded = _rounded_logits(trained, dtype, sample, autocast)
+        reference, rounded = _rounded_logits(trained, TORCH_DTYPES[options.dtype], sample, autocast)
         verification.report("rounding_vs_trained", compare(as_trained, rounded, sample),
                             f"the trained model (quantized base + adapter, as in training) vs the same with its merged "
                             f"weights rounded to {options.dtype.value}: what storing the merge in "
-                            f"{options.dtype.value} costs, {precision}")
+                            f"{options.dtype.value} costs, {_precision(autocast)}")
     log.info("trained model loaded and probed on %s in %.1fs", sample.source, time.perf_counter() - t0)
 
     staging = out.with_name(f".{out.name}.partial")
@@ -138,18 +138,9 @@ def export(cmd: ExportCommand) -> ExportResult:
         del trained  # one model on the device at a time from here on
         _free(device)
         if options.compare_original or options.merge == MergeMode.original:
-            original = _load_original_with_adapter(run, device)
-            unmerged = logits_of(original, sample, autocast)
-            verification.report("original_merge_vs_trained", compare(as_trained, unmerged, sample),
-                                "the trained model vs the unquantized base checkpoint with the adapter unmerged: how "
-                                f"far export.merge=original is from what was trained, {precision}")
-            if merges and options.merge == MergeMode.original:
-                reference, rounded = _rounded_logits(original, dtype, sample, autocast)
-                verification.report("rounding_vs_original_unmerged", compare(unmerged, rounded, sample),
-                                    "the unquantized base with the adapter unmerged vs the same with its merged "
-                                    f"weights rounded to {options.dtype.value}, {precision}")
-            del original
-            _free(device)
+            rounded_original = _measure_original(run, options, sample, as_trained, verification, device)
+            if options.merge == MergeMode.original:
+                reference = rounded_original
         if merges:
             assert reference is not None
             _check_merged(hf_dir, run, options, sample, as_trained, reference, verification, device,
@@ -159,6 +150,30 @@ def export(cmd: ExportCommand) -> ExportResult:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return _finish(staging, out, cmd.overwrite, verification)
+
+
+def _measure_original(run: TrainedRun, options: ExportConfig, sample: Probe, as_trained: list[torch.Tensor],
+                      verification: Verification, device: torch.device) -> list[torch.Tensor] | None:
+    """How far the unquantized base with the adapter unmerged is from the trained model; for a merged
+    export.merge=original export, also its logits rounded to export.dtype in float32: the reference."""
+    from qlora.model import autocast_dtype
+
+    autocast = autocast_dtype(run.config.train.mixed_precision)
+    precision = _precision(autocast)
+    original = _load_original_with_adapter(run, device)
+    unmerged = logits_of(original, sample, autocast)
+    verification.report("original_merge_vs_trained", compare(as_trained, unmerged, sample),
+                        "the trained model vs the unquantized base checkpoint with the adapter unmerged: how far "
+                        f"export.merge=original is from what was trained, {precision}")
+    reference = None
+    if options.format != ExportFormat.adapter and options.merge == MergeMode.original:
+        reference, rounded = _rounded_logits(original, TORCH_DTYPES[options.dtype], sample, autocast)
+        verification.report("rounding_vs_original_unmerged", compare(unmerged, rounded, sample),
+                            "the unquantized base with the adapter unmerged vs the same with its merged weights "
+                            f"rounded to {options.dtype.value}, {precision}")
+    del original
+    _free(device)
+    return reference
 
 
 def _rounded_logits(model, dtype: torch.dtype, sample: Probe,

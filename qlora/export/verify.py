@@ -3,6 +3,10 @@
 The probe is held-out data: the run's eval split (its trained tokens score perplexity), or, when the run's data
 is not at hand, a fixed text scored on every token. Logits of the reference are kept on the CPU in float32, so
 the model that produced them can be freed before the next one loads.
+
+A bfloat16 export cannot equal the trained model: rounding the weights alone moves a real model's predictions
+by more than some wrong merges do. So the reference is the trained model as its merge, stored in the export's
+dtype, computes (`as_merged`), and a right export matches it to floating-point operation order.
 """
 
 from __future__ import annotations
