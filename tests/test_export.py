@@ -100,7 +100,7 @@ def test_bfloat16_merge_equals_the_rounded_trained_model_and_original_drifts_fur
     rounding = exported.verification.drift["rounding_vs_trained"]
     drift = exported.verification.drift["original_merge_vs_trained"]
     assert check.mean_kl < 1e-12  # operation order alone
-    assert 1e-7 < rounding.mean_kl < 1e-4  # what bf16 storage costs, reported, not checked
+    assert 3e-8 < rounding.mean_kl < 1e-5  # what bf16 storage costs (measured 1.3e-7, 1.9e-7), reported only
     assert drift.mean_kl > 20 * rounding.mean_kl  # why dequantized is the default
     saved = json.loads((exported.output_dir / "verification.json").read_text())
     assert saved["passed"] and saved["max_kl"] == 1e-8 and "rounded as the export stores it" in saved["rule"]
@@ -224,7 +224,10 @@ def test_failed_verification_keeps_the_export_as_unverified_and_the_old_one_inta
         _export(trained, "kept", "export.compare_original=false", "overwrite=true")
     assert {p.name: p.read_bytes() for p in good.iterdir()} == before
     unverified = good.with_name("kept.unverified")
-    assert json.loads((unverified / "verification.json").read_text())["passed"] is False
+    saved = json.loads((unverified / "verification.json").read_text())
+    # the adapter x0.9 (every dtype, on the real model: tests/test_export_smollm2.py): measured KL 1.1e-4 and
+    # 2.5e-4 on the two tiny runs, where bf16 storage alone costs 1.3e-7 and 1.9e-7 and a right merge 0
+    assert saved["passed"] is False and saved["checks"]["merged_vs_rounded_trained"]["mean_kl"] > 1e-6
     assert not list(root.glob(".kept*"))
 
 
@@ -240,17 +243,6 @@ def _scale_updates(monkeypatch, factor: float) -> None:
         return lambda: (base() + factor * (full() - base())).to(dtype)
 
     monkeypatch.setattr(merge, "_merged", scaled)
-
-
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
-def test_a_wrong_merge_fails_in_every_dtype(trained, monkeypatch, dtype):
-    _scale_updates(monkeypatch, 0.9)
-    with pytest.raises(QloraError, match="merged_vs_rounded_trained"):
-        _export(trained, f"wrong-{dtype}", f"export.dtype={dtype}", "export.compare_original=false")
-    root, _ = trained
-    saved = json.loads((root / f"wrong-{dtype}.unverified" / "verification.json").read_text())
-    # measured on both tiny runs: KL >= 1e-4 (bf16 storage alone costs < 1e-5 here, a right merge ~1e-14)
-    assert saved["checks"]["merged_vs_rounded_trained"]["mean_kl"] > 10 * saved["max_kl"]
 
 
 def test_a_wrong_gguf_fails(trained, monkeypatch):
