@@ -373,3 +373,40 @@ def test_q8_0_quantizes_in_row_chunks_without_changing_a_byte(folders, exported,
     monkeypatch.setattr(gguf_file, "_Q8_ROWS_PER_CHUNK", 7)  # no tensor here has a multiple of 7 rows
     write_gguf(folders["llama"], tmp_path / "m.gguf", "q8_0")
     assert (tmp_path / "m.gguf").read_bytes() == exported("llama", "q8_0").read_bytes()
+
+
+@pytest.mark.parametrize("tensor_type", GGUF_TYPES)
+def test_stored_values_are_what_the_file_holds(folders, exported, tensor_type):
+    """The rounding export verification applies to the HF tensors equals what the file holds, tensor by tensor,
+    with the types read from the file and q/k rows put back in transformers' order."""
+    from safetensors.torch import load_file
+
+    path = exported("llama", tensor_type)
+    types = gguf_file.stored_types(path, folders["llama"])
+    weights = load_file(folders["llama"] / "model.safetensors")
+    assert types.keys() == weights.keys()
+    _, tensors = _fields(path)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    for key, hf in weights.items():
+        written = tensors[names.get_type_and_name(key, try_suffixes=(".weight", ".bias"))[1]]
+        assert types[key] == written.tensor_type, key
+        data = torch.from_numpy(gguf.quants.dequantize(np.asarray(written.data), written.tensor_type).copy())
+        data = data.reshape(hf.shape)
+        heads = {"q_proj": 4, "k_proj": 2}.get(key.split(".")[-2])
+        if heads:  # llama.cpp's rows (h, i, half) back to transformers' (h, half, i)
+            data = data.reshape(heads, -1, 2, hf.shape[1]).transpose(1, 2).reshape(hf.shape)
+        assert torch.equal(gguf_file.stored_values(hf, types[key]), data), key
+
+
+def test_q8_0_rounding_commutes_with_the_rotary_row_order():
+    """q8_0 blocks run along rows, so quantizing the permuted q/k rows equals permuting the quantized rows:
+    verification may round the HF tensor in its own row order."""
+    weight = torch.randn(4 * 16, 96, generator=torch.Generator().manual_seed(0))
+    permuted = gguf_file._interleave_rotary_halves(weight, 4)
+    blocks = torch.from_numpy(gguf.quants.quantize(weight.numpy(), QType.Q8_0))
+    assert torch.equal(torch.from_numpy(gguf.quants.quantize(permuted.numpy(), QType.Q8_0)),
+                       gguf_file._interleave_rotary_halves(blocks, 4))
+    torch.testing.assert_close(gguf_file.stored_values(permuted, QType.Q8_0),
+                               gguf_file._interleave_rotary_halves(gguf_file.stored_values(weight, QType.Q8_0), 4),
+                               rtol=0, atol=0)
+    assert not torch.equal(gguf_file.stored_values(weight, QType.Q8_0), weight)  # it does round

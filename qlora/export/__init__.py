@@ -1,8 +1,10 @@
 """`qlora export`: a trained run turned into a model that runs anywhere, verified to compute what was trained.
 
-run -> probe text -> trained model (quantized base + adapter) and its reference logits -> merged tensors written
-shard by shard -> the export loaded back with plain transformers and compared -> (how far `original` would drift)
--> (GGUF written, read back and compared) -> model card -> the folder renamed into place.
+run -> probe text -> trained model (quantized base + adapter): its logits as trained, and as its merge rounded to
+export.dtype computes them (the reference) -> merged tensors written shard by shard -> (how far `original` would
+drift) -> the export loaded back in float32 with plain transformers and compared with the reference -> (GGUF
+written, read back and compared with the HF export rounded as the file stores each tensor) -> model card -> the
+folder renamed into place.
 
 Everything is written into a hidden sibling of output_dir first. A verified export is renamed to output_dir;
 one that fails verification is kept as OUTPUT_DIR.unverified and the command exits non-zero; any other error
@@ -31,7 +33,7 @@ import torch
 from qlora import hub
 from qlora.config import DType, ExportCommand, ExportConfig, ExportFormat, GGUFType, MergeMode
 from qlora.errors import QloraError
-from qlora.export.verify import Comparison, Probe, compare, logits_of, probe
+from qlora.export.verify import Comparison, Probe, as_merged, compare, logits_of, probe
 from qlora.files import fsync_dir, fsync_tree
 from qlora.model import TORCH_DTYPES
 from qlora.runfolder import TrainedRun, read_trained
@@ -48,11 +50,21 @@ class Verification:
     probe: str
     max_kl: float
     checks: dict[str, Comparison] = field(default_factory=dict)
-    """Comparisons that must pass: candidate vs the model it claims to be."""
+    """Comparisons that must pass: the export vs the model it claims to be, rounded as the export stores it."""
     drift: dict[str, Comparison] = field(default_factory=dict)
-    """Comparisons reported for information (the `original` merge vs what was trained)."""
+    """Comparisons reported for information: what the storage rounding costs, how far `original` would drift."""
+    compared: dict[str, str] = field(default_factory=dict)
+    """For each comparison, its two sides in words."""
     errors: list[str] = field(default_factory=list)
     """Checks that could not even run (the export does not load); each one fails verification."""
+
+    def check(self, name: str, comparison: Comparison, compared: str) -> None:
+        self.checks[name] = comparison
+        self.compared[name] = compared
+
+    def report(self, name: str, comparison: Comparison, compared: str) -> None:
+        self.drift[name] = comparison
+        self.compared[name] = compared
 
     @property
     def failed(self) -> list[str]:
@@ -61,9 +73,15 @@ class Verification:
         return self.errors + too_far
 
     def to_json(self) -> dict:
-        return {"probe": self.probe, "max_kl": self.max_kl, "passed": not self.failed, "failures": self.failed,
-                "checks": {k: v.row() for k, v in self.checks.items()},
-                "drift": {k: v.row() for k, v in self.drift.items()}}
+        return {"probe": self.probe, "rule": RULE, "max_kl": self.max_kl, "passed": not self.failed,
+                "failures": self.failed, "checks": {k: v.row() for k, v in self.checks.items()},
+                "drift": {k: v.row() for k, v in self.drift.items()}, "compared": self.compared}
+
+
+RULE = ("each check compares the export with the model it claims to be, rounded as the export stores it (every "
+        "weight through the export's dtype, or each GGUF tensor through the file's type for it), both computed in "
+        "float32, so a right export differs by floating-point operation order alone; a check fails when its mean KL "
+        "exceeds max_kl")
 
 
 @dataclass
@@ -92,11 +110,19 @@ def export(cmd: ExportCommand) -> ExportResult:
     tokenizer = export_tokenizer(run)
     sample = probe(config, tokenizer, options.probe_samples, options.probe_seq_len)
     autocast = autocast_dtype(config.train.mixed_precision)
+    merges = options.format != ExportFormat.adapter
+    verification = Verification(sample.source, options.max_kl)
 
     t0 = time.perf_counter()
     trained = load_trained_model(config, run.adapter, device)
-    reference = logits_of(trained, sample, autocast)
-    verification = Verification(sample.source, options.max_kl)
+    as_trained = logits_of(trained, sample, autocast)
+    reference = None  # the model the export claims to be, rounded as the export stores it, in float32
+    if merges and options.merge == MergeMode.dequantized:
+        reference, rounded = _rounded_logits(trained, TORCH_DTYPES[options.dtype], sample, autocast)
+        verification.report("rounding_vs_trained", compare(as_trained, rounded, sample),
+                            f"the trained model (quantized base + adapter, as in training) vs the same with its merged "
+                            f"weights rounded to {options.dtype.value}: what storing the merge in "
+                            f"{options.dtype.value} costs, {_precision(autocast)}")
     log.info("trained model loaded and probed on %s in %.1fs", sample.source, time.perf_counter() - t0)
 
     staging = out.with_name(f".{out.name}.partial")
@@ -111,20 +137,52 @@ def export(cmd: ExportCommand) -> ExportResult:
             _write_merged(trained, run, tokenizer, options, hf_dir)
         del trained  # one model on the device at a time from here on
         _free(device)
-        original = None
         if options.compare_original or options.merge == MergeMode.original:
-            original = logits_of(_load_original_with_adapter(run, device), sample, autocast)
-            _free(device)
-            verification.drift["original_merge_vs_trained"] = compare(reference, original, sample)
-        if options.format != ExportFormat.adapter:
-            merged = _check_merged(hf_dir, options, sample, reference, original, verification, device)
-            if options.format == ExportFormat.gguf and merged is not None and not verification.failed:
-                _write_and_check_gguf(hf_dir, staging, out.name, options, sample, reference, merged, verification)
+            rounded_original = _measure_original(run, options, sample, as_trained, verification, device)
+            if options.merge == MergeMode.original:
+                reference = rounded_original
+        if merges:
+            assert reference is not None
+            _check_merged(hf_dir, run, options, sample, as_trained, reference, verification, device,
+                          gguf=(staging, out.name) if options.format == ExportFormat.gguf else None)
         _write_card(run, cmd, verification, staging, tokenizer)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return _finish(staging, out, cmd.overwrite, verification)
+
+
+def _measure_original(run: TrainedRun, options: ExportConfig, sample: Probe, as_trained: list[torch.Tensor],
+                      verification: Verification, device: torch.device) -> list[torch.Tensor] | None:
+    """How far the unquantized base with the adapter unmerged is from the trained model; for a merged
+    export.merge=original export, also its logits rounded to export.dtype in float32: the reference."""
+    from qlora.model import autocast_dtype
+
+    autocast = autocast_dtype(run.config.train.mixed_precision)
+    precision = _precision(autocast)
+    original = _load_original_with_adapter(run, device)
+    unmerged = logits_of(original, sample, autocast)
+    verification.report("original_merge_vs_trained", compare(as_trained, unmerged, sample),
+                        "the trained model vs the unquantized base checkpoint with the adapter unmerged: how far "
+                        f"export.merge=original is from what was trained, {precision}")
+    reference = None
+    if options.format != ExportFormat.adapter and options.merge == MergeMode.original:
+        reference, rounded = _rounded_logits(original, TORCH_DTYPES[options.dtype], sample, autocast)
+        verification.report("rounding_vs_original_unmerged", compare(unmerged, rounded, sample),
+                            "the unquantized base with the adapter unmerged vs the same with its merged weights "
+                            f"rounded to {options.dtype.value}, {precision}")
+    del original
+    _free(device)
+    return reference
+
+
+def _rounded_logits(model, dtype: torch.dtype, sample: Probe,
+                    autocast: torch.dtype | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The peft `model`'s logits as its merge stored in `dtype` computes them: in float32 (the reference the
+    export is checked against), and under training's `autocast` (what the rounding costs as the model ran)."""
+    with as_merged(model, dtype):
+        reference = logits_of(model, sample)
+        return reference, reference if autocast is None else logits_of(model, sample, autocast)
 
 
 def validate_export(cmd: ExportCommand) -> None:
@@ -217,70 +275,105 @@ def _generation_config(run: TrainedRun, tokenizer):
 
 
 def _load_original_with_adapter(run: TrainedRun, device: torch.device):
-    """The unquantized base checkpoint with the adapter applied unmerged: what export.merge=original computes."""
+    """The unquantized base checkpoint with the adapter applied unmerged: what export.merge=original computes.
+
+    Loaded in float32, an exact copy of a 16- or 32-bit checkpoint's values, as the merge reads them."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-
-    from qlora.model import compute_dtype
 
     model = run.config.model
     try:
         base = AutoModelForCausalLM.from_pretrained(
             model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code,
-            dtype=compute_dtype(run.config.quant, device), device_map=_device_map(device),
-            attn_implementation=model.attn_implementation)
+            dtype=torch.float32, device_map=_device_map(device), attn_implementation=model.attn_implementation)
     except (OSError, ValueError) as e:
         raise QloraError(f"could not load the unquantized base {model.name_or_path} to measure the original merge "
-                         f"({str(e).splitlines()[0]}); pass export.compare_original=false to skip it") from e
+                         f"({_first_line(e)}); pass export.compare_original=false to skip it") from e
     return PeftModel.from_pretrained(base, str(run.adapter), is_trainable=False).eval()
 
 
-def _check_merged(hf_dir: Path, options: ExportConfig, sample: Probe, reference: list[torch.Tensor],
-                  original: list[torch.Tensor] | None, verification: Verification,
-                  device: torch.device) -> list[torch.Tensor] | None:
-    """Load the merged folder with plain transformers and compare it with the model it claims to be."""
+def _check_merged(hf_dir: Path, run: TrainedRun, options: ExportConfig, sample: Probe,
+                  as_trained: list[torch.Tensor], reference: list[torch.Tensor], verification: Verification,
+                  device: torch.device, gguf: tuple[Path, str] | None) -> None:
+    """Load the merged folder with plain transformers in float32 (an exact upcast of what it stores) and compare
+    it, computing in float32, with the rounded reference; then, for `gguf=(staging, name)`, the GGUF file."""
     from transformers import AutoModelForCausalLM
 
+    from qlora.export.gguf_file import load_gguf_model
+    from qlora.model import autocast_dtype
+
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=TORCH_DTYPES[options.dtype],
-                                                           device_map=_device_map(device), output_loading_info=True)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            str(hf_dir), dtype=torch.float32, device_map=_device_map(device), output_loading_info=True,
+            attn_implementation=run.config.model.attn_implementation)
     except (OSError, ValueError, RuntimeError) as e:
-        verification.errors.append(f"transformers cannot load the merged export ({str(e).splitlines()[0]})")
-        return None
+        verification.errors.append(f"transformers cannot load the merged export ({_first_line(e)})")
+        return
     wrong = {k: sorted(v)[:5] for k, v in info.items()
              if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if wrong:
         verification.errors.append(f"the merged weights do not fit the architecture: {wrong}")
-        return None
+        return
     merged = logits_of(model, sample)
-    del model
-    _free(device)
+    dtype = options.dtype.value
     if options.merge == MergeMode.dequantized:
-        verification.checks["merged_vs_trained"] = compare(reference, merged, sample)
+        verification.check("merged_vs_rounded_trained", compare(reference, merged, sample),
+                           "the export (loaded in float32) vs the trained model with its merged weights rounded to "
+                           f"{dtype}, both computed in float32")
     else:
-        assert original is not None
-        verification.checks["merged_vs_original_unmerged"] = compare(original, merged, sample)
-        verification.drift["merged_vs_trained"] = compare(reference, merged, sample)
-    return merged
+        autocast = autocast_dtype(run.config.train.mixed_precision)
+        verification.check("merged_vs_rounded_original_unmerged", compare(reference, merged, sample),
+                           "the export (loaded in float32) vs the unquantized base with the adapter unmerged, its "
+                           f"merged weights rounded to {dtype}, both computed in float32")
+        verification.report("merged_vs_trained", compare(as_trained, logits_of(model, sample, autocast), sample),
+                            f"the trained model vs the export, {_precision(autocast)}")
+    if gguf is None or verification.failed:
+        return
+    staging, name = gguf
+    path = _write_gguf(hf_dir, staging, name, options)
+    rounded = _as_stored_in_gguf(model, path, hf_dir, sample, verification)
+    del model  # one model at a time: the file is read back next
+    _free(device)
+    if rounded is None:
+        return
+    gguf_model, _ = load_gguf_model(path)
+    read_back = logits_of(gguf_model, sample)
+    del gguf_model
+    verification.check("gguf_vs_rounded_merged", compare(rounded, read_back, sample),
+                       "the GGUF file read back by transformers vs the merged export with each tensor rounded to the "
+                       f"type the file stores it in ({path.name}), both in float32")
+    verification.report("gguf_vs_trained", compare(as_trained, read_back, sample),
+                        "the trained model vs the GGUF file read back")
+    shutil.copy2(hf_dir / "generation_config.json", staging / "generation_config.json")
+    shutil.rmtree(hf_dir)
 
 
-def _write_and_check_gguf(hf_dir: Path, staging: Path, name: str, options: ExportConfig, sample: Probe,
-                          reference: list[torch.Tensor], merged: list[torch.Tensor],
-                          verification: Verification) -> None:
-    from qlora.export.gguf_file import load_gguf_model, write_gguf
+def _write_gguf(hf_dir: Path, staging: Path, name: str, options: ExportConfig) -> Path:
+    from qlora.export.gguf_file import write_gguf
 
     tensor_type = _GGUF_FOR_DTYPE[options.dtype] if options.gguf_type == GGUFType.auto else options.gguf_type.value
     path = staging / f"{name}-{tensor_type}.gguf"
     t0 = time.perf_counter()
     write_gguf(hf_dir, path, tensor_type, name=name)
     log.info("wrote %s (%.1f MiB) in %.1fs", path.name, path.stat().st_size / 2**20, time.perf_counter() - t0)
-    model, _ = load_gguf_model(path)
-    read_back = logits_of(model, sample)
-    del model
-    verification.checks["gguf_vs_merged"] = compare(merged, read_back, sample)
-    verification.drift["gguf_vs_trained"] = compare(reference, read_back, sample)
-    shutil.copy2(hf_dir / "generation_config.json", staging / "generation_config.json")
-    shutil.rmtree(hf_dir)
+    return path
+
+
+def _as_stored_in_gguf(model, path: Path, hf_dir: Path, sample: Probe,
+                       verification: Verification) -> list[torch.Tensor] | None:
+    """The logits, in float32, of the merged HF `model` with each tensor rounded to the type the GGUF file at
+    `path` stores it in (read from the file itself); None, with an error recorded, if the file lacks a tensor."""
+    from qlora.export.gguf_file import stored_types, stored_values
+
+    types = stored_types(path, hf_dir)
+    missing = [key for key, _ in model.named_parameters() if key not in types]
+    if missing:
+        verification.errors.append(f"the GGUF file holds no tensor for {', '.join(missing[:5])}")
+        return None
+    with torch.no_grad():
+        for key, param in model.named_parameters():
+            param.data = stored_values(param.data.cpu(), types[key]).to(param.device)
+    return logits_of(model, sample)
 
 
 def _write_adapter(run: TrainedRun, tokenizer, folder: Path) -> None:
@@ -313,8 +406,8 @@ def _finish(staging: Path, out: Path, overwrite: bool, verification: Verificatio
         staging.replace(kept)
         fsync_dir(kept.parent)
         raise QloraError(f"the export does not compute what it should ({'; '.join(verification.failed)}; limit "
-                         f"export.max_kl={verification.max_kl}); kept for inspection as {kept}, see its "
-                         "verification.json")
+                         f"export.max_kl={verification.max_kl:g}, against the trained model rounded as the export "
+                         f"stores it); kept for inspection as {kept}, see its verification.json")
     old = out.with_name(f".{out.name}.old")
     if out.exists():
         assert overwrite or not any(out.iterdir())
@@ -340,3 +433,12 @@ def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def _precision(autocast: torch.dtype | None) -> str:
+    return f"both under {str(autocast).removeprefix('torch.')} autocast as in training" if autocast else \
+        "both in float32 as in training"
+
+
+def _first_line(e: BaseException) -> str:
+    return next(iter(str(e).splitlines()), "") or type(e).__name__

@@ -57,8 +57,11 @@ def model_card(run: TrainedRun, cmd: ExportCommand, verification, files: list[st
                   f"`export.merge={options.merge.value}`: {_MERGE[options.merge]}. Weights are "
                   f"{options.dtype.value}.", ""]
     lines += ["## Verification", "",
-              f"Next-token distributions compared on {verification.probe}. Checks must stay within mean KL "
-              f"{verification.max_kl:g} nats per token; drift is for information.", "",
+              f"Next-token distributions compared on {verification.probe}. Each check compares the export with the "
+              "model it claims to be, rounded as the export stores it, so a right export differs by floating-point "
+              f"operation order alone; a check must stay within mean KL {verification.max_kl:g} nats per token "
+              "(`export.max_kl`). Drift is for information: what the storage rounding costs against the model "
+              "as trained, and how far other choices would be.", "",
               "| comparison | kind | max abs logit diff | mean KL (nats) | top-1 agreement | perplexity (ref / this) |",
               "|---|---|---|---|---|---|"]
     for kind, group in (("check", verification.checks), ("drift", verification.drift)):
@@ -66,7 +69,8 @@ def model_card(run: TrainedRun, cmd: ExportCommand, verification, files: list[st
             lines.append(f"| {name.replace('_', ' ')} | {kind} | {c.max_abs_logit_diff:.3g} | {c.mean_kl:.3g} | "
                          f"{100 * c.top1_agreement:.1f}% | {c.perplexity_reference:.3f} / "
                          f"{c.perplexity_candidate:.3f} |")
-    lines += ["", f"Result: {'passed' if not verification.failed else 'FAILED: ' + '; '.join(verification.failed)}.",
+    lines += ["", *(f"- {name.replace('_', ' ')}: {text}." for name, text in verification.compared.items()),
+              "", f"Result: {'passed' if not verification.failed else 'FAILED: ' + '; '.join(verification.failed)}.",
               "", "## Use", "", *_usage(cmd, files, tokenizer), "", "## Files", "",
               ", ".join(f"`{f}`" for f in files + ["README.md"]), ""]
     return "\n".join(lines)

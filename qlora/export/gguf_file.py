@@ -370,25 +370,20 @@ def _plan_tensors(hf_dir: Path, config, arch: gguf.MODEL_ARCH, tensor_type: str)
     """Every output tensor with its GGUF name, shape and storage type, read from the shard headers only."""
     from safetensors import safe_open
 
-    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
-    skipped = set(gguf.MODEL_TENSOR_SKIP.get(arch, []))
-    tied = bool(getattr(config, "tie_word_embeddings", False))
+    gguf_name = _name_map(config, arch)
     heads = {gguf.MODEL_TENSOR.ATTN_Q: config.num_attention_heads,
              gguf.MODEL_TENSOR.ATTN_K: config.num_key_value_heads or config.num_attention_heads}
     tensors, unknown = [], []
     for shard in _shards(hf_dir):
         with safe_open(shard, framework="pt") as f:
             for key in f.keys():
-                # rotary tables some old checkpoints carry are recomputed by every runtime
-                if key.endswith("rotary_emb.inv_freq") or (tied and key == "lm_head.weight"):
-                    continue
-                found = names.get_type_and_name(key, try_suffixes=(".weight", ".bias"))
-                if found is None:
+                found = gguf_name(key)
+                if found is _UNKNOWN:
                     unknown.append(key)
                     continue
-                kind, name = found
-                if kind in skipped:
+                if found is None:
                     continue
+                kind, name = found
                 shape = tuple(f.get_slice(key).get_shape())
                 tensors.append(_Tensor(name, shape, _storage(shape, tensor_type), key, shard,
                                        heads.get(kind) if arch == gguf.MODEL_ARCH.LLAMA else None))
@@ -397,7 +392,7 @@ def _plan_tensors(hf_dir: Path, config, arch: gguf.MODEL_ARCH, tensor_type: str)
             f"checkpoint tensor(s) {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''} have no GGUF name "
             f"for model_type {config.model_type}; set export.format=hf to export a Hugging Face folder instead"
         )
-    if not tied and not any(t.name == "output.weight" for t in tensors):
+    if not getattr(config, "tie_word_embeddings", False) and not any(t.name == "output.weight" for t in tensors):
         raise QloraError(f"{hf_dir} has no lm_head.weight and config.json says the embeddings are not tied")
     _, rope = _rope(config)
     if rope["rope_type"] == "llama3":
@@ -409,6 +404,69 @@ def _plan_tensors(hf_dir: Path, config, arch: gguf.MODEL_ARCH, tensor_type: str)
             "set export.format=hf to export a Hugging Face folder instead"
         )
     return sorted(tensors, key=_file_order)
+
+
+_UNKNOWN = object()
+
+
+def _name_map(config, arch: gguf.MODEL_ARCH):
+    """checkpoint name -> (tensor kind, GGUF name); None for a tensor the file leaves out, _UNKNOWN for one
+    GGUF has no name for."""
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    skipped = set(gguf.MODEL_TENSOR_SKIP.get(arch, []))
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+
+    def gguf_name(key: str):
+        # rotary tables some old checkpoints carry are recomputed by every runtime
+        if key.endswith("rotary_emb.inv_freq") or (tied and key == "lm_head.weight"):
+            return None
+        found = names.get_type_and_name(key, try_suffixes=(".weight", ".bias"))
+        if found is None:
+            return _UNKNOWN
+        return None if found[0] in skipped else found
+
+    return gguf_name
+
+
+def stored_types(gguf_path: Path, hf_dir: Path) -> dict[str, QType]:
+    """The storage type of each checkpoint tensor of `hf_dir` in the GGUF file at `gguf_path`, read from the file
+    itself and keyed by the checkpoint's name; a tied lm_head.weight gets its embedding's type. Tensors the file
+    does not hold are left out."""
+    config = _read_config(hf_dir)
+    gguf_name = _name_map(config, _ARCHS[config.model_type])
+    in_file = {t.name: QType(t.tensor_type) for t in gguf.GGUFReader(gguf_path).tensors}
+    from safetensors import safe_open
+
+    types = {}
+    for shard in _shards(hf_dir):
+        with safe_open(shard, framework="pt") as f:
+            keys = list(f.keys())
+        for key in keys:
+            found = gguf_name(key)
+            if isinstance(found, tuple) and found[1] in in_file:
+                types[key] = in_file[found[1]]
+    if getattr(config, "tie_word_embeddings", False) and "model.embed_tokens.weight" in types:
+        types["lm_head.weight"] = types["model.embed_tokens.weight"]
+    return types
+
+
+def stored_values(data: torch.Tensor, qtype: QType) -> torch.Tensor:
+    """`data` as a reader gets it back, in float32, from a GGUF tensor of type `qtype` (f32, f16, bf16, q8_0).
+
+    q8_0 blocks run along rows, so rounding rows in the checkpoint's order equals rounding them in llama.cpp's
+    permuted q/k order and permuting back."""
+    if qtype == QType.Q8_0:
+        rows = data.reshape(-1, data.shape[-1])
+        out = torch.empty(rows.shape, dtype=torch.float32)
+        for start in range(0, rows.shape[0], _Q8_ROWS_PER_CHUNK):
+            chunk = rows[start:start + _Q8_ROWS_PER_CHUNK].to(torch.float32).numpy()
+            blocks = gguf.quants.quantize(chunk, qtype)
+            out[start:start + _Q8_ROWS_PER_CHUNK] = torch.from_numpy(gguf.quants.dequantize(blocks, qtype))
+        return out.reshape(data.shape)
+    dtypes = {QType.F32: torch.float32, QType.F16: torch.float16, QType.BF16: torch.bfloat16}
+    if qtype not in dtypes:
+        raise QloraError(f"GGUF tensor type {qtype.name} is not one this export writes ({', '.join(GGUF_TYPES)})")
+    return data.to(dtypes[qtype]).to(torch.float32)
 
 
 def _storage(shape: tuple[int, ...], tensor_type: str) -> QType:
