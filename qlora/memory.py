@@ -1,11 +1,13 @@
 """The process's memory: its peak for logs and summaries, its resident size and the RAM still free (for plans of CPU
-runs), and glibc's allocator kept to one arena so that a CPU run's memory is what its tensors need.
+runs), and glibc's malloc set up so that a CPU run's memory is what its tensors need.
 
 Linux figures come from /proc; elsewhere the peak falls back to getrusage and the others are unknown (None).
 """
 
 from __future__ import annotations
 
+import os
+import platform
 import sys
 from pathlib import Path
 
@@ -40,30 +42,31 @@ def available_ram() -> int | None:
     return None if available is None else available * 1024
 
 
-def one_malloc_arena() -> None:
-    """Have glibc's malloc serve every thread from one arena (a no-op elsewhere, and when already done).
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**20), "MALLOC_ARENA_MAX": "1"}
+"""glibc's malloc settings for a run: every block of 1 MiB or more mapped on its own and returned to the system
+when freed, and one arena for all threads."""
 
-    glibc gives each thread that allocates an arena of its own, and an arena keeps what is freed in it for reuse.
-    torch's worker threads allocate too, so on a CPU a training step's freed temporaries pile up in several arenas:
-    SmolLM2-135M at 8 x 384 tokens on 2 threads grew the process by 1.47 times the most bytes its tensors held at
-    once; with one arena, by 1.03 times, at the same step time and tokenization speed (docs/plan.md). It applies to
-    arenas made after the call, so the CLI calls it before torch starts its threads.
+
+def exec_with_run_malloc(argv: list[str]) -> None:
+    """Restart this `qlora` command with MALLOC_ENV set; return where that is done already or is not glibc's
+    business (not Linux, another libc, a user's own MALLOC_MMAP_THRESHOLD_, or QLORA_MALLOC=default).
+
+    glibc raises its mmap threshold each time a mapped block is freed (up to 32 MiB), so after the first few
+    frees a training step's large temporaries come from the heap, and a freed heap block is kept for reuse;
+    fragmented by blocks of every size, the heap keeps growing. SmolLM2-135M at 8 x 384 tokens: the step's tensors
+    peak at 6.25 GiB (counted by qlora.plan.PeakBytes), the process grew by 10.1 GiB in its first step and by 13.6
+    GiB by its second; with a fixed 1 MiB threshold, by 6.27 and 6.29 GiB, at the same step time (docs/plan.md).
+    The settings are read when the process starts, hence the restart: execv keeps the process id, arguments and
+    environment, and costs one interpreter start before anything is imported.
     """
-    global _arenas_limited
-    if _arenas_limited or not sys.platform.startswith("linux"):
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or os.environ.get("QLORA_MALLOC") == "default":
         return
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (musl, ...): its allocator is its own business
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return
-    M_ARENA_MAX = -8  # glibc's malloc.h
-    libc.mallopt(M_ARENA_MAX, 1)
-    _arenas_limited = True
-
-
-_arenas_limited = False
+    os.environ.update(MALLOC_ENV)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "qlora", *argv])
 
 
 def _status_kib(key: str) -> int | None:

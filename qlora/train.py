@@ -137,7 +137,6 @@ def run(config: Config, recipe: str | None = None) -> RunResult:
     With config.resume, continue from a checkpoint instead: the same steps, losses and adapter as a run that
     was never interrupted (bit for bit on CPU).
     """
-    memory.one_malloc_arena()
     validate(config)
     if problems := logger_problems(config.train.loggers):
         raise ConfigError(problems)

@@ -201,3 +201,29 @@ def test_recipe_headers_state_what_qlora_plan_says(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "recipe_headers.py"), "--check"], cwd=tmp_path,
                             capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr
+
+
+def test_the_qlora_command_restarts_itself_with_the_run_malloc_settings(monkeypatch):
+    """`qlora ...` re-executes as `python -m qlora ...` with MALLOC_ENV set, once; a user's own setting is kept."""
+    import platform
+
+    from qlora import cli, memory
+
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc's malloc settings apply on Linux with glibc only")
+    calls = []
+
+    def execv(path, args):
+        calls.append((path, args, {k: os.environ.get(k) for k in memory.MALLOC_ENV}))
+        raise SystemExit(0)  # what follows execv is the new process
+
+    monkeypatch.setattr(os, "execv", execv)
+    for key in memory.MALLOC_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/qlora", "plan", "recipe=tiny-alpaca"])
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert calls == [(sys.executable, [sys.executable, "-m", "qlora", "plan", "recipe=tiny-alpaca"],
+                      {"MALLOC_MMAP_THRESHOLD_": "1048576", "MALLOC_ARENA_MAX": "1"})]
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")  # the user's own choice, or the restarted process
+    assert memory.exec_with_run_malloc(["plan"]) is None and len(calls) == 1
