@@ -41,10 +41,10 @@ Errors are one line each; pass debug=true (or set QLORA_DEBUG=1) for the traceba
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the `qlora` command itself, not a caller in Python: its own process to set up
-        from qlora.memory import exec_with_run_malloc
+        from qlora.memory import exec_with_compact_malloc
 
         argv = sys.argv[1:]
-        exec_with_run_malloc(argv)
+        exec_with_compact_malloc(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
         return 0 if argv else 2

@@ -1,5 +1,5 @@
 """The process's memory: its peak for logs and summaries, its resident size and the RAM still free (for plans of CPU
-runs), and glibc's malloc set up so that a CPU run's memory is what its tensors need.
+runs), and, on request, glibc's malloc set up so that a CPU run's memory is what its tensors need.
 
 Linux figures come from /proc; elsewhere the peak falls back to getrusage and the others are unknown (None).
 """
@@ -42,28 +42,35 @@ def available_ram() -> int | None:
     return None if available is None else available * 1024
 
 
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**20), "MALLOC_ARENA_MAX": "1"}
-"""glibc's malloc settings for a run: every block of 1 MiB or more mapped on its own and returned to the system
-when freed, and one arena for all threads."""
+COMPACT_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**20), "MALLOC_ARENA_MAX": "1"}
+"""glibc's malloc settings of QLORA_MALLOC=compact: every block of 1 MiB or more mapped on its own and returned to
+the system when freed, and one arena for all threads."""
 
 
-def exec_with_run_malloc(argv: list[str]) -> None:
-    """Restart this `qlora` command with MALLOC_ENV set; return where that is done already or is not glibc's
-    business (not Linux, another libc, a user's own MALLOC_MMAP_THRESHOLD_, or QLORA_MALLOC=default).
+def compact_malloc() -> bool:
+    """Whether this process's malloc returns freed large blocks at once: a fixed mmap threshold of at most 1 MiB
+    (QLORA_MALLOC=compact, or the user's own MALLOC_MMAP_THRESHOLD_)."""
+    threshold = os.environ.get("MALLOC_MMAP_THRESHOLD_", "")
+    return threshold.isdigit() and int(threshold) <= 2**20
 
-    glibc raises its mmap threshold each time a mapped block is freed (up to 32 MiB), so after the first few
-    frees a training step's large temporaries come from the heap, and a freed heap block is kept for reuse;
-    fragmented by blocks of every size, the heap keeps growing. SmolLM2-135M at 8 x 384 tokens: the step's tensors
-    peak at 6.25 GiB (counted by qlora.plan.PeakBytes), the process grew by 10.1 GiB in its first step and by 13.6
-    GiB by its second; with a fixed 1 MiB threshold, by 6.27 and 6.29 GiB, at the same step time (docs/plan.md).
-    The settings are read when the process starts, hence the restart: execv keeps the process id, arguments and
-    environment, and costs one interpreter start before anything is imported.
+
+def exec_with_compact_malloc(argv: list[str]) -> None:
+    """With QLORA_MALLOC=compact, restart this `qlora` command with COMPACT_MALLOC set; otherwise, or where that is
+    done already or not glibc's business (not Linux, another libc), return.
+
+    glibc raises its mmap threshold each time a mapped block is freed (up to 32 MiB), so after the first frees a
+    training step's large temporaries come from the heap, where freed blocks are kept for reuse and fragment.
+    SmolLM2-135M at 8 x 384 tokens on a CPU: the step's tensors peak at 6.25 GiB (counted by qlora.plan.PeakBytes),
+    the process grows by 10.1 GiB; compact, by 6.28 GiB, but every step maps fresh pages from the system and takes
+    about 1.45 times as long (docs/plan.md). The plan prices either (`qlora.plan.CPU_ALLOCATOR_SHARE`). The settings
+    are read when a process starts, hence the restart: execv keeps the process id, arguments and environment, and
+    costs one interpreter start before anything is imported.
     """
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ or os.environ.get("QLORA_MALLOC") == "default":
+    if os.environ.get("QLORA_MALLOC", "default") != "compact" or compact_malloc():
         return
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return
-    os.environ.update(MALLOC_ENV)
+    os.environ.update(COMPACT_MALLOC)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, [sys.executable, "-m", "qlora", *argv])

@@ -51,6 +51,12 @@ AUTO_SHARE = 0.9
 an estimate (within 5% where measured, docs/plan.md)."""
 HOST_RESERVE = GIB
 """Left free of the available RAM when planning a CPU run."""
+CPU_ALLOCATOR_SHARE = 0.6
+"""On a CPU with glibc's default malloc, the process grows by about 1.6 times the bytes a training step's tensors
+hold at once: freed temporaries stay in the heap for reuse, fragmented (SmolLM2-135M, 8 x 384 tokens: tensors 6.25
+GiB, growth 10.1 GiB; docs/plan.md). 0 with QLORA_MALLOC=compact (qlora.memory), which returns them at once."""
+
+
 @dataclass(frozen=True)
 class LayerBytes:
     """Bytes saved for backward per token of one decoder layer, per unit of each width.
@@ -141,11 +147,17 @@ class Plan:
     """On a CPU, where the run's tensors share the process's memory: what the process holds besides them (Python,
     torch and the other libraries, the tokenizer, the tokenized data), measured as its resident memory when the
     plan is made. 0 on a GPU, whose memory holds the run's tensors alone."""
+    allocator_share: float = 0.0
+    """On a CPU: what malloc keeps beyond the step's tensors, as a share of them (CPU_ALLOCATOR_SHARE)."""
 
     @property
     def step_bytes(self) -> int:
         """What a training step allocates and frees: activations, logits and workspace."""
         return self.activation_bytes + self.logits_bytes + self.workspace_bytes
+
+    @property
+    def allocator_bytes(self) -> int:
+        return int(self.allocator_share * self.step_bytes)
 
     @property
     def weights_bytes(self) -> int:
@@ -158,7 +170,7 @@ class Plan:
 
     @property
     def total_bytes(self) -> int:
-        return self.fixed_bytes + self.step_bytes
+        return self.fixed_bytes + self.step_bytes + self.allocator_bytes
 
     @property
     def usable_bytes(self) -> int | None:
@@ -172,8 +184,9 @@ class Plan:
         """The most tokens per micro batch that fit."""
         if self.usable_bytes is None:
             return None
-        per_token = self.least_per_token_bytes or self.per_token_bytes
-        return max(0, int((self.usable_bytes - self.fixed_bytes - self.loss_chunk_bytes) / per_token))
+        per_token = (self.least_per_token_bytes or self.per_token_bytes) * (1 + self.allocator_share)
+        chunk = self.loss_chunk_bytes * (1 + self.allocator_share)
+        return max(0, int((self.usable_bytes - self.fixed_bytes - chunk) / per_token))
 
     def largest_micro_batch(self, seq_len: int) -> int | None:
         tokens = self.max_tokens()
@@ -246,6 +259,7 @@ def plan(config: Config, device: str = "cuda", checkpointed: int | None = None) 
             capacity_bytes=_capacity(config, device),
             max_positions=getattr(arch, "max_position_embeddings", None),
             host_bytes=host,
+            allocator_share=CPU_ALLOCATOR_SHARE if device == "cpu" and not memory.compact_malloc() else 0.0,
         )
 
     if checkpointed is not None:
@@ -567,8 +581,11 @@ def describe(p: Plan, config: Config) -> str:
         ("logits and loss", (f"chunks of {t.loss_chunk_tokens} tokens, float32 (estimate)" if t.loss_chunk_tokens
                              else "all positions' float32 log-softmax and its gradients (estimate)"), p.logits_bytes),
         ("workspace", "dequantized weight, gradients in flight (estimate)", p.workspace_bytes),
+        ("allocator", f"freed temporaries malloc keeps: {p.allocator_share:.0%} of a step's (measured; "
+                      "QLORA_MALLOC=compact: 0)",
+         p.allocator_bytes),
     ]
-    rows = [r for r in rows if r[2] or r[0] != "process"]  # CPU plans only
+    rows = [r for r in rows if r[2] or r[0] not in ("process", "allocator")]  # CPU plans only
     width = max(len(r[0]) for r in rows)
     lines = [f"qlora plan: {p.model} on {p.device} ({p.dtype} compute)"]
     lines += [f"  {name:<{width}}  {gib(n):>11}  {what}" for name, what, n in rows]

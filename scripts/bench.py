@@ -594,9 +594,12 @@ def child(task: str, spec_path: Path, result_path: Path) -> None:
 class Bench:
     """One invocation: its working folder, the model built there, and the processes it runs."""
 
-    def __init__(self, work: Path, env: dict[str, str], qlora_extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, work: Path, env: dict[str, str], qlora_extra: tuple[str, ...] = (),
+                 compact_malloc: bool = False) -> None:
         self.work = work
         self.env = env
+        self.compact_malloc = compact_malloc
+        """Run both sides with QLORA_MALLOC=compact's malloc settings (--compact-malloc)."""
         self.qlora_extra = qlora_extra
         """Overrides added to qlora's config (--qlora)."""
         self.model_dir = work / "model"
@@ -611,12 +614,20 @@ class Bench:
         spec_path.write_text(json.dumps(spec, indent=2))
         command = [sys.executable, str(Path(__file__).resolve()), "--child", task, "--spec", str(spec_path),
                    "--result", str(result_path)]
+        env = {**self.env, **self.malloc(task)}
         with log_path.open("w") as log:
-            status = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO).returncode
+            status = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO).returncode
         if status != 0 or not result_path.is_file():
             tail = "\n".join(log_path.read_text().splitlines()[-30:])
             raise SystemExit(f"bench: the {task} run failed (exit status {status}); end of {log_path}:\n{tail}")
         return json.loads(result_path.read_text())
+
+    def malloc(self, task: str) -> dict[str, str]:
+        """Extra malloc settings of `task`'s process: none (glibc's defaults, as both a `qlora` command and a
+        Trainer script get them), or with --compact-malloc those of QLORA_MALLOC=compact for both sides."""
+        from qlora.memory import COMPACT_MALLOC
+
+        return dict(COMPACT_MALLOC) if self.compact_malloc and task in SIDES else {}
 
     def measure(self, side: str, workload: Workload, data: Path, dataset: Path, settings: dict, warmup_steps: int,
                 probe: bool = False) -> dict:
@@ -715,7 +726,9 @@ def table(report: dict) -> str:
         f"alpha={report['settings']['lora_alpha']:g} dropout={report['settings']['lora_dropout']:g} on all linear "
         f"layers, paged_adamw_8bit lr {report['settings']['lr']:g}; "
         f"{w['repeats']} alternating runs per side (median, then each run in brackets)"
-        + (f"; qlora also with {' '.join(report['qlora_overrides'])}" if report["qlora_overrides"] else ""),
+        + (f"; qlora also with {' '.join(report['qlora_overrides'])}" if report["qlora_overrides"] else "")
+        + "; malloc: " + ", ".join(f"{side} {' '.join(f'{k}={v}' for k, v in env.items()) or 'glibc defaults'}"
+                                   for side, env in report.get("malloc", {}).items()),
         "",
         "| figure | qlora | baseline | qlora / baseline |",
         "| --- | --- | --- | --- |",
@@ -812,6 +825,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--qlora", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for the qlora side (and what the baseline reads from its config), "
                              "e.g. train.gradient_checkpointing=true; repeatable")
+    parser.add_argument("--compact-malloc", action="store_true",
+                        help="run both sides with the malloc settings of QLORA_MALLOC=compact (default: glibc's)")
     parser.add_argument("--longest", action="store_true", help="also find each side's longest seq_len at batch 1")
     parser.add_argument("--max-seq-len", type=int, help="upper end of the --longest search (default: the workload's)")
     parser.add_argument("--granularity", type=int, default=256, help="--longest resolution in tokens (default 256)")
@@ -858,7 +873,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="qlora-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        bench = Bench(work.resolve(), env, tuple(args.qlora))
+        bench = Bench(work.resolve(), env, tuple(args.qlora), args.compact_malloc)
         if args.model is not None:
             bench.model_dir = args.model.resolve()
         report = benchmark(bench, workload, args, data, cuda)
@@ -915,6 +930,7 @@ def benchmark(bench: Bench, workload: Workload, args: argparse.Namespace, data: 
         "vocab_size": arch.vocab_size,
         "settings": settings,
         "qlora_overrides": list(bench.qlora_extra),
+        "malloc": {side: bench.malloc(side) for side in SIDES},
         "flops_per_token": flops,
         "peak_flops": peak,
         "runs": runs,

@@ -7,6 +7,7 @@ MODEL_DIR is SmolLM2-135M-Instruct (`python ../shared/models/smollm2.py DIR` bui
 longest), which writes the plan's figure (`planned_memory_gb`, the estimated peak of the process: its resident
 memory before the weights load, the weights, LoRA and optimizer state, a step's activations, logits and workspace,
 and what malloc keeps of them) and the process's measured peak (`peak_memory_gb`, Linux's VmHWM) to summary.json.
+The runs inherit this environment: `QLORA_MALLOC=compact python scripts/plan_vs_run.py ...` measures that malloc.
 """
 
 from __future__ import annotations

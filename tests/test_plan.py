@@ -203,8 +203,9 @@ def test_recipe_headers_state_what_qlora_plan_says(tmp_path):
     assert result.returncode == 0, result.stderr
 
 
-def test_the_qlora_command_restarts_itself_with_the_run_malloc_settings(monkeypatch):
-    """`qlora ...` re-executes as `python -m qlora ...` with MALLOC_ENV set, once; a user's own setting is kept."""
+def test_qlora_malloc_compact_restarts_the_command_with_its_malloc_settings(monkeypatch):
+    """QLORA_MALLOC=compact: `qlora ...` re-executes as `python -m qlora ...` with COMPACT_MALLOC set, once, and the
+    plan then counts no allocator share; without it nothing restarts."""
     import platform
 
     from qlora import cli, memory
@@ -214,16 +215,19 @@ def test_the_qlora_command_restarts_itself_with_the_run_malloc_settings(monkeypa
     calls = []
 
     def execv(path, args):
-        calls.append((path, args, {k: os.environ.get(k) for k in memory.MALLOC_ENV}))
+        calls.append((path, args, {k: os.environ.get(k) for k in memory.COMPACT_MALLOC}))
         raise SystemExit(0)  # what follows execv is the new process
 
     monkeypatch.setattr(os, "execv", execv)
-    for key in memory.MALLOC_ENV:
+    for key in memory.COMPACT_MALLOC:
         monkeypatch.delenv(key, raising=False)
+    monkeypatch.delenv("QLORA_MALLOC", raising=False)
+    assert memory.exec_with_compact_malloc(["plan"]) is None and not calls and not memory.compact_malloc()
+    monkeypatch.setenv("QLORA_MALLOC", "compact")
     monkeypatch.setattr(sys, "argv", ["/venv/bin/qlora", "plan", "recipe=tiny-alpaca"])
     with pytest.raises(SystemExit):
         cli.main()
     assert calls == [(sys.executable, [sys.executable, "-m", "qlora", "plan", "recipe=tiny-alpaca"],
                       {"MALLOC_MMAP_THRESHOLD_": "1048576", "MALLOC_ARENA_MAX": "1"})]
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")  # the user's own choice, or the restarted process
-    assert memory.exec_with_run_malloc(["plan"]) is None and len(calls) == 1
+    assert memory.compact_malloc()  # as in the restarted process: no second restart
+    assert memory.exec_with_compact_malloc(["plan"]) is None and len(calls) == 1

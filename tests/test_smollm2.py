@@ -73,8 +73,8 @@ def test_qlora_generate_answers_as_the_run_did(smollm2_run):
 
 
 def test_the_memory_plan_holds_for_a_real_run_of_the_qlora_command(smollm2, tmp_path):
-    """scripts/plan_vs_run.py at its smallest shape: the plan's peak against the process's VmHWM, within 15%
-    (measured 2 x 128: see docs/plan.md; before the malloc settings of qlora.memory, 8 x 384 measured 1.59x)."""
+    """One shape of scripts/plan_vs_run.py: the plan's peak against the process's VmHWM, within 15% (measured
+    0.957 at 4 x 256, docs/plan.md; before the plan priced malloc's heap, 8 x 384 measured 1.58)."""
     import importlib.util
 
     from tests.conftest import REPO
@@ -82,6 +82,6 @@ def test_the_memory_plan_holds_for_a_real_run_of_the_qlora_command(smollm2, tmp_
     spec = importlib.util.spec_from_file_location("plan_vs_run", REPO / "scripts" / "plan_vs_run.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    summary = script.measure(str(smollm2), str(ALPACA_5000), 2, 128, tmp_path / "run")
+    summary = script.measure(str(smollm2), str(ALPACA_5000), 4, 256, tmp_path / "run")
     assert summary["planned_memory_gb"] is not None
     assert 0.85 < summary["peak_memory_gb"] / summary["planned_memory_gb"] < 1.15, summary
