@@ -165,8 +165,8 @@ def _run(config: Config, accelerator: Accelerator, resumed: checkpoint.Checkpoin
              _name(compute_dtype(config.quant, device)), accelerator.mixed_precision,
              distributed.describe(accelerator, config.dist),
              f"; resuming from {resumed.path} at step {resumed.step}" if resumed else "")
-    if recipe in recipe_paths():
-        log.info("recipe %s: %s", recipe, recipe_description(recipe_paths()[recipe]))
+    if (recipe_file := recipe_paths().get(recipe)) is not None:
+        log.info("recipe %s: %s", recipe, recipe_description(recipe_file))
 
     # Tokenizer (and whatever the demo generates); hub ids fail fast when there is no network. The main process
     # goes first where files are written (generated assets, the token cache); the others then read them.

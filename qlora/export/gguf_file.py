@@ -432,10 +432,11 @@ def stored_types(gguf_path: Path, hf_dir: Path) -> dict[str, QType]:
     """The storage type of each checkpoint tensor of `hf_dir` in the GGUF file at `gguf_path`, read from the file
     itself and keyed by the checkpoint's name; a tied lm_head.weight gets its embedding's type. Tensors the file
     does not hold are left out."""
+    from safetensors import safe_open
+
     config = _read_config(hf_dir)
     gguf_name = _name_map(config, _ARCHS[config.model_type])
     in_file = {t.name: QType(t.tensor_type) for t in gguf.GGUFReader(gguf_path).tensors}
-    from safetensors import safe_open
 
     types = {}
     for shard in _shards(hf_dir):
