@@ -28,12 +28,12 @@ from qlora import data as qdata
 from qlora.attention import use_per_sample_sdpa
 from qlora.composition import recipe_description, recipe_paths
 from qlora.config import AUTO, Config, DistStrategy, OnNonFinite, validate
-from qlora.errors import ConfigError, QloraError
+from qlora.errors import QloraError
 from qlora.evaluation import perplexity, score, scored_tokens
 from qlora.files import write_folder_atomic, write_text_atomic
 from qlora.lora import attach_lora
 from qlora.loss import CausalLMLoss
-from qlora.metrics import MetricsLog, NoMetrics, logger_problems
+from qlora.metrics import MetricsLog, NoMetrics
 from qlora.model import (
     QuantReport,
     attention_implementation,
@@ -138,8 +138,6 @@ def run(config: Config, recipe: str | None = None) -> RunResult:
     was never interrupted (bit for bit on CPU).
     """
     validate(config)
-    if problems := logger_problems(config.train.loggers):
-        raise ConfigError(problems)
     accelerator = distributed.make_accelerator(config.dist, mixed_precision(config.train.mixed_precision))
     config = distributed.same_output_dir(config, accelerator)
     runfolder.check_output_dir(config)

@@ -18,7 +18,8 @@ from wandb.proto import wandb_internal_pb2
 
 from qlora.config import Config, Logger
 from qlora.errors import ConfigError, QloraError
-from qlora.metrics import LOGGER_IDS, MetricsLog, flatten, logger_problems, read_metrics
+from qlora.config import logger_problems
+from qlora.metrics import LOGGER_IDS, MetricsLog, flatten, read_metrics
 from qlora.train import run
 
 HYPERPARAMETERS = asdict(Config())  # enums and nested groups, as train.py passes them
