@@ -22,8 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import TINY  # noqa: E402
-from tests.killing import comparable_metrics, interrupted_run  # noqa: E402
+from tests.runs import TINY, comparable_metrics, interrupted_run  # noqa: E402
 
 
 def main() -> int:

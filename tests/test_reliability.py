@@ -20,8 +20,7 @@ from qlora import checkpoint
 from qlora.composition import compose_config
 from qlora.errors import QloraError
 from qlora.train import run
-from tests.conftest import TINY, qlora_cli
-from tests.killing import comparable_metrics, comparable_summary, interrupted_run
+from tests.runs import TINY, comparable_metrics, comparable_summary, interrupted_run, qlora_cli
 
 STEPS = 24
 # 162 training sequences in batches of 8, two per step: 10 steps an epoch, so runs cross epoch boundaries.
