@@ -138,3 +138,29 @@ def comparable_metrics(run_dir: Path) -> list[dict]:
     """metrics.jsonl without the wall-clock columns, which no two runs share."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in row.items() if k not in WALL_CLOCK} for row in rows]
+
+
+
+SAME_BYTES = ("adapter/adapter_model.safetensors", "samples.json")
+"""Run files that two runs of one config hold byte for byte."""
+
+
+def run_differences(a: Path, b: Path) -> list[str]:
+    """What differs between two run folders of one config, [] when they are the same run: the metrics rows and
+    summary.json without their wall-clock keys, and the bytes of the adapter and the samples. The one home of
+    "same run" for the resume tests and scripts/kill_trials.py."""
+    missing = [f"{run / name} is missing" for name in ("metrics.jsonl", "summary.json", *SAME_BYTES)
+               for run in (a, b) if not (run / name).is_file()]
+    if missing:
+        return missing
+    found = []
+    rows_a, rows_b = comparable_metrics(a), comparable_metrics(b)
+    if len(rows_a) != len(rows_b):
+        found.append(f"metrics.jsonl: {len(rows_a)} rows against {len(rows_b)}")
+    found += [f"metrics.jsonl row {i}: {row_a} against {row_b}"
+              for i, (row_a, row_b) in enumerate(zip(rows_a, rows_b, strict=False)) if row_a != row_b][:3]
+    summary_a, summary_b = comparable_summary(a), comparable_summary(b)
+    found += [f"summary.json {key}: {summary_a.get(key)!r} against {summary_b.get(key)!r}"
+              for key in sorted(summary_a.keys() | summary_b.keys()) if summary_a.get(key) != summary_b.get(key)]
+    found += [f"{name}: the bytes differ" for name in SAME_BYTES if (a / name).read_bytes() != (b / name).read_bytes()]
+    return found
