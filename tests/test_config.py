@@ -18,7 +18,7 @@ from qlora.composition import (
 )
 from qlora.config import ArchitectureConfig, Config, OptimizerName, QuantMethod, builds_scratch_model, validate
 from qlora.errors import ConfigError
-from tests.conftest import qlora_cli
+from tests.runs import qlora_cli
 
 GROUPS = ["model", "quant", "lora", "data", "optim", "train", "dist"]
 

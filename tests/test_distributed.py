@@ -21,7 +21,7 @@ from qlora.data.batches import LengthGroupedBatches
 from qlora.errors import ConfigError, QloraError
 from qlora.metrics import read_metrics
 from qlora.train import TrainState, _check_processes, run
-from tests.conftest import REPO, TINY
+from tests.runs import REPO, TINY
 
 STEPS = 8
 COMMON = [*TINY, "lora.dropout=0", f"train.max_steps={STEPS}", "train.log_every_steps=1", "train.eval_every_steps=4",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 
-from tests.conftest import TINY, qlora_cli
+from tests.runs import TINY, qlora_cli
 
 
 def preview(tmp_path, *overrides, env=None):
