@@ -32,7 +32,7 @@ import torch
 from omegaconf import OmegaConf
 
 from qlora.config import Config
-from qlora.errors import QloraError
+from qlora.errors import QloraError, first_line
 from qlora.files import write_folder_atomic
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ def read(path: Path) -> Checkpoint:
         current = "config.yaml"
         config = OmegaConf.to_container(OmegaConf.load(path / current))
     except Exception as e:  # noqa: BLE001 (any failure to read means the same thing to the user)
-        raise QloraError(f"checkpoint {path} is unreadable: {current}: {str(e).splitlines()[0] if str(e) else e!r}; "
+        raise QloraError(f"checkpoint {path} is unreadable: {current}: {first_line(e)}; "
                          "resume from another checkpoint (resume=PATH) or start over") from e
     return Checkpoint(path, state, adapter, parts["optimizer.pt"], parts["scheduler.pt"], parts["rng.pt"], config,
                       scaler)

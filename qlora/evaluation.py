@@ -29,8 +29,10 @@ from qlora import data as qdata
 from qlora.config import Config, DataConfig, EvalCommand, EvalSubset, ModelConfig, is_data_file, validate_eval
 from qlora.config.assets import quant_option
 from qlora.config.checks import ONE_TARGET
-from qlora.errors import ConfigError, QloraError
+from qlora.device import default_device
+from qlora.errors import ConfigError, QloraError, first_line
 from qlora.files import write_text_atomic
+from qlora.metrics import perplexity
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +53,6 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def scored_tokens(labels: torch.Tensor) -> int:
     """How many positions `token_loss_sum` counts."""
     return int((labels[:, 1:] != qdata.IGNORE_INDEX).sum())
-
-
-def perplexity(mean_loss: float) -> float:
-    return math.exp(mean_loss) if mean_loss < 700 else math.inf
 
 
 @dataclass
@@ -168,7 +166,7 @@ class Report:
 def evaluate(cmd: EvalCommand, out=None) -> Report:
     """Score what `cmd` names on its dataset; print the table to `out` (stdout) and write the JSON to cmd.output."""
     validate_eval(cmd)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = default_device()
     t0 = time.perf_counter()
     target = _RunTarget(cmd) if cmd.run_dir is not None else _ModelTarget(cmd)
     subset = cmd.subset
@@ -270,7 +268,7 @@ class _ModelTarget:
         try:
             positions = getattr(AutoConfig.from_pretrained(cmd.model), "max_position_embeddings", None)
         except (OSError, ValueError) as e:
-            why = str(e).splitlines()[0] if local.exists() else hub.unavailable(cmd.model)
+            why = first_line(e) if local.exists() else hub.unavailable(cmd.model)
             raise QloraError(f"could not load model={cmd.model}: {why}") from e
         if cmd.seq_len is not None and positions is not None and cmd.seq_len > positions:
             raise QloraError(f"seq_len={cmd.seq_len} is longer than {cmd.model} supports ({positions} positions); "

@@ -11,7 +11,8 @@ import torch
 from transformers import TextStreamer
 
 from qlora.config import GenerateCommand, validate_generate
-from qlora.errors import QloraError
+from qlora.device import default_device
+from qlora.errors import QloraError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +21,7 @@ def generate(cmd: GenerateCommand, out=None) -> str:
     """Generate an answer to cmd.prompt; prints it (token by token with cmd.stream) and returns it."""
     validate_generate(cmd)
     out = out or sys.stdout
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = default_device()
     model, tokenizer, ids, stop = _load(cmd, device)
     if cmd.seed is not None:
         torch.manual_seed(cmd.seed)
@@ -66,7 +67,7 @@ def _load(cmd: GenerateCommand, device: torch.device):
     except (OSError, ValueError) as e:
         from qlora import hub
 
-        why = str(e).splitlines()[0] if Path(name).expanduser().exists() else hub.unavailable(name)
+        why = first_line(e) if Path(name).expanduser().exists() else hub.unavailable(name)
         raise QloraError(f"could not load model={name}: {why}") from e
     if cmd.template and tokenizer.chat_template:
         text = tokenizer.apply_chat_template([{"role": "user", "content": cmd.prompt}], tokenize=False,

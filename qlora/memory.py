@@ -16,18 +16,23 @@ GIB = 2**30
 
 def peak_gb(device) -> float:  # device: torch.device
     """Peak memory so far (GiB): CUDA's max allocated on a GPU, the process's peak resident set on a CPU."""
+    return peak_bytes(device) / GIB
+
+
+def peak_bytes(device) -> int:  # device: torch.device
+    """Peak memory so far (bytes): CUDA's max allocated on a GPU, the process's peak resident set on a CPU."""
     if device.type == "cuda":
         import torch
 
-        return torch.cuda.max_memory_allocated(device) / GIB
-    # Linux's VmHWM is this process's own peak; getrusage's ru_maxrss survives exec, so a run started from a
-    # bigger process would report that one's peak.
+        return torch.cuda.max_memory_allocated(device)
+    # Linux's VmHWM is this process's own peak; getrusage's ru_maxrss survives exec (and fork), so a run started
+    # from a bigger process would report that one's peak.
     peak = _status_kib("VmHWM")
     if peak is not None:
-        return peak * 1024 / GIB
+        return peak * 1024
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (GIB if sys.platform == "darwin" else 2**20)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def resident_bytes() -> int | None:

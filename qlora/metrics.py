@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from enum import Enum
 from pathlib import Path
 from typing import Protocol
 
 from qlora.config import Logger
-from qlora.errors import QloraError
+from qlora.errors import QloraError, first_line
 from qlora.files import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,11 @@ Scalar = str | int | float | bool | None
 
 LOGGER_IDS = "loggers.json"
 """In the run folder: the W&B and MLflow run ids, so that a resumed run continues the same backend run."""
+
+def perplexity(mean_loss: float) -> float:
+    """The exponential of a mean token loss (inf where that overflows)."""
+    return math.exp(mean_loss) if mean_loss < 700 else math.inf
+
 
 _SETUP = {Logger.tensorboard: "check that output_dir is writable",
           Logger.wandb: "run `wandb login`, or set WANDB_MODE=offline to log locally",
@@ -111,7 +117,7 @@ class MetricsLog:
             except Exception as e:
                 # A tracking server that went away must not end hours of training: metrics.jsonl has every row.
                 log.warning("train.loggers: %s failed at step %d (%s); not logging to it for the rest of this run "
-                            "(metrics.jsonl has every row)", logger.value, row["step"], _first_line(e))
+                            "(metrics.jsonl has every row)", logger.value, row["step"], first_line(e))
                 del self.backends[logger]
                 _close_quietly(logger, backend, warn=False)  # it has been reported once
 
@@ -216,7 +222,7 @@ class MLflow:
                 run = self.client.get_run(run_id)
             except MlflowException as e:
                 log.warning("train.loggers: MLflow run %s (from %s) not found at %s (%s); starting a new run",
-                            run_id, LOGGER_IDS, mlflow.get_tracking_uri(), _first_line(e))
+                            run_id, LOGGER_IDS, mlflow.get_tracking_uri(), first_line(e))
                 run_id = None
             else:
                 self.client.update_run(run_id, status="RUNNING")
@@ -256,7 +262,7 @@ def _start(logger: Logger, run_dir: Path, project: str, name: str, params: dict,
             return WandB(run_dir, project, name, params, run_id)
         return MLflow(project, name, params, run_id)
     except Exception as e:
-        raise QloraError(f"train.loggers includes {logger.value}, but it could not start a run ({_first_line(e)}); "
+        raise QloraError(f"train.loggers includes {logger.value}, but it could not start a run ({first_line(e)}); "
                          f"{_SETUP[logger]}, or drop it from train.loggers") from e
 
 
@@ -294,9 +300,4 @@ def _close_quietly(logger: Logger, backend: Backend, warn: bool = True) -> None:
         backend.close()
     except Exception as e:
         log.log(logging.WARNING if warn else logging.DEBUG, "train.loggers: closing %s failed (%s)", logger.value,
-                _first_line(e))
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+                first_line(e))

@@ -233,7 +233,7 @@ def load_trained_model(config: Config, adapter: Path, device: torch.device):  # 
         model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
     except Exception as e:  # noqa: BLE001 (peft raises ValueError, RuntimeError, KeyError, safetensors errors)
         raise QloraError(f"the adapter in {adapter} is damaged or does not fit {config.model.name_or_path} "
-                         f"({str(e).splitlines()[0][:300]}); export the run folder that trained it, with its own "
+                         f"({first_line(e)[:300]}); export the run folder that trained it, with its own "
                          "config.yaml and adapter/") from e
     return model.eval()
 
@@ -294,28 +294,29 @@ def quant_report(model: nn.Module) -> QuantReport:
         if isinstance(module, bnb.nn.Linear4bit):
             state = module.weight.quant_state
             q_params += state.shape.numel()
-            q_bytes += _nbytes(module.weight) + _quant_state_bytes(state)
+            q_bytes += nbytes(module.weight) + _quant_state_bytes(state)
             quantized.add(id(module.weight))
         elif isinstance(module, bnb.nn.Linear8bitLt):
             q_params += module.weight.numel()
             scale = getattr(module.weight, "SCB", None)
             if scale is None:  # the layer's first forward moves the row scales into its state
                 scale = module.state.SCB
-            q_bytes += _nbytes(module.weight) + _nbytes(scale)
+            q_bytes += nbytes(module.weight) + nbytes(scale)
             quantized.add(id(module.weight))
     others = [p for p in model.parameters() if id(p) not in quantized]
     others += [b for b in model.buffers()]
-    return QuantReport(q_params, q_bytes, sum(t.numel() for t in others), sum(_nbytes(t) for t in others))
+    return QuantReport(q_params, q_bytes, sum(t.numel() for t in others), sum(nbytes(t) for t in others))
 
 
 def _quant_state_bytes(state) -> int:
     # Per-block constants only: the 16-entry NF4/FP4 and 256-entry dynamic code books are fixed tables of
     # the format, not storage that grows with the model (the paper's 4.127 bits leave them out too).
-    total = _nbytes(state.absmax) + _nbytes(getattr(state, "offset", None))
+    total = nbytes(state.absmax) + nbytes(getattr(state, "offset", None))
     if getattr(state, "nested", False) and state.state2 is not None:
-        total += _nbytes(state.state2.absmax)
+        total += nbytes(state.state2.absmax)
     return total
 
 
-def _nbytes(t: torch.Tensor | None) -> int:
+def nbytes(t: torch.Tensor | None) -> int:
+    """The bytes a tensor's elements take (0 for None)."""
     return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0

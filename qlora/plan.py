@@ -31,7 +31,8 @@ from torch.utils._pytree import tree_leaves
 
 from qlora import memory
 from qlora.config import AUTO, Config, DType, OptimizerName, QuantMethod, ScratchTokenizer, builds_scratch_model
-from qlora.errors import QloraError
+from qlora.errors import QloraError, first_line
+from qlora.model import nbytes
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +231,7 @@ def plan(config: Config, device: str = "cuda", checkpointed: int | None = None) 
     layers = arch.num_hidden_layers
     parameters = sum(p.numel() for p in model.parameters())
     quantized_parameters = sum(m.weight.numel() for m in quantized.values())
-    trainable_bytes = sum(_nbytes(p) for p in trainable)
+    trainable_bytes = sum(nbytes(p) for p in trainable)
     host = (memory.resident_bytes() or 0) if device == "cpu" else 0
 
     def with_checkpointing(checkpointed: int) -> Plan:
@@ -301,11 +302,11 @@ def model_config(config: Config):  # -> transformers.PretrainedConfig
         try:
             return AutoConfig.for_model(**given)
         except ValueError as e:
-            raise QloraError(f"model.architecture: {str(e).splitlines()[0]}") from e
+            raise QloraError(f"model.architecture: {first_line(e)}") from e
     try:
         return AutoConfig.from_pretrained(cfg.name_or_path, **hub)
     except (OSError, ValueError) as e:
-        raise QloraError(f"could not read the config of {cfg.name_or_path} ({str(e).splitlines()[0][:200]}); "
+        raise QloraError(f"could not read the config of {cfg.name_or_path} ({first_line(e)[:200]}); "
                          "point model.name_or_path at a local model folder or give model.architecture.* "
                          "(the shapes from its config.json)") from e
 
@@ -376,7 +377,7 @@ def _base_bytes(model: nn.Module, quantized: dict[str, nn.Linear], config: Confi
         if id(p) not in weights:
             float32 = upcast and p.is_floating_point() and id(p) not in kept
             total += p.numel() * (4 if float32 else p.element_size())
-    return total + sum(_nbytes(b) for b in model.buffers())
+    return total + sum(nbytes(b) for b in model.buffers())
 
 
 def _trainable(model: nn.Module, adapted: list[nn.Linear], config: Config, upcast: bool) -> list[torch.Tensor]:
@@ -556,10 +557,6 @@ def _host_budget(device: str) -> int | None:
     return max(0, available - HOST_RESERVE) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 def gib(n: float) -> str:
     """Bytes for people: GiB, or MiB below one GiB."""
     return f"{n / GIB:.2f} GiB" if abs(n) >= GIB else f"{n / 2**20:.1f} MiB"
@@ -609,7 +606,7 @@ def checkpointed_layers(config: Config, device: str, known: Plan | None = None) 
     try:
         p = known or plan(config, device)
     except Exception as e:  # auto must not fail a run that gradient_checkpointing=true would train
-        log.warning("gradient checkpointing on every layer: the memory plan failed (%s)", str(e).splitlines()[0])
+        log.warning("gradient checkpointing on every layer: the memory plan failed (%s)", first_line(e))
         return None
     log.info("gradient checkpointing: %s; planned peak %s", recomputed(p, config), gib(p.total_bytes))
     return p.checkpointed_layers

@@ -23,9 +23,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from qlora.errors import QloraError
+from qlora.errors import QloraError, first_line
 from qlora.files import write_bytes_atomic, write_text_atomic
-from qlora.metrics import read_metrics
+from qlora.metrics import perplexity, read_metrics
 
 WIDTH_PX, HEIGHT_PX, DPI = 1600, 1000, 125
 """report.png's size in pixels and the resolution its fonts are laid out at."""
@@ -128,7 +128,7 @@ def read_run(folder: Path) -> RunRecord:
         summary = _read_json(folder / "summary.json")
         samples = _read_json(folder / "samples.json") or []
     except (OSError, ValueError, OmegaConfBaseException) as e:
-        raise QloraError(f"{folder}: a run file is unreadable ({str(e).splitlines()[0]}); is the run folder "
+        raise QloraError(f"{folder}: a run file is unreadable ({first_line(e)}); is the run folder "
                          "complete?") from e
     if not rows:
         raise QloraError(f"{folder} has no metrics ({metrics.name} is missing or empty): the run logged no step; "
@@ -148,10 +148,6 @@ def _read_json(path: Path):
 
 
 # ---------------------------------------------------------------- the words shared by the figure and the page
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(loss) if loss < 700 else math.inf
 
 
 def model_name(run: RunRecord) -> str:

@@ -26,7 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from qlora import checkpoint
 from qlora.config import Config, without_removed_keys
-from qlora.errors import QloraError
+from qlora.errors import QloraError, first_line
 
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] %(message)s"
 
@@ -173,7 +173,7 @@ def read_trained(path: str, key: str = "run_dir") -> TrainedRun:
         state = json.loads((folder / state_file).read_text())
     except (OSError, ValueError, OmegaConfBaseException) as e:
         raise QloraError(f"{key}={path}: {config_file.name} or {state_file} is missing or unreadable "
-                         f"({str(e).splitlines()[0]}); is it a complete qlora run?") from e
+                         f"({first_line(e)}); is it a complete qlora run?") from e
     if not (run_folder / "tokenizer").is_dir():
         raise QloraError(f"{key}={path}: {run_folder / 'tokenizer'} is missing; the run folder is incomplete")
     recipe = text.split("\n", 1)[0].removeprefix("# recipe: ") if text.startswith("# recipe: ") else None

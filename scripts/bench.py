@@ -31,7 +31,7 @@ Figures, defined identically for both sides:
                       this one, so it includes fetching and collating the batch); also the 90th percentile of the
                       steps' own rates, which other jobs on a shared machine disturb least
   peak memory         torch.cuda.max_memory_allocated on a GPU; the process's peak resident set on a CPU (VmHWM,
-                      not ru_maxrss: see `peak_memory_bytes`)
+                      not ru_maxrss: see `qlora.memory.peak_bytes`)
   time to first step  wall time from the start of the side's work (after `import torch`, which both share) until
                       the quantized base is loaded with LoRA attached: the stack's own imports, reading the
                       config, tokenizer and tokenized data, loading and quantizing the weights, k-bit preparation
@@ -392,8 +392,9 @@ def measure_qlora(spec: dict, started: float) -> dict:
                 logged["step 1"].append(time.perf_counter())
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    for name in ("qlora.lora", "qlora.train"):
+    for name in ("qlora.lora", "qlora.progress"):
         logging.getLogger(name).addHandler(Clock())
+    from qlora import memory
     from qlora.composition import compose_config
     from qlora.model import compute_dtype, quant_report
     from qlora.train import run
@@ -415,7 +416,7 @@ def measure_qlora(spec: dict, started: float) -> dict:
     report = quant_report(result.model)  # the 4-bit layers are as loaded; peft's upcasts touch only the others
     return {
         "tokens_per_s": steady_rate(tokens, seconds, spec["warmup_steps"]),
-        "peak_memory_bytes": peak_memory_bytes(device),
+        "peak_memory_bytes": memory.peak_bytes(device),
         "time_to_first_step_s": logged["lora"][0] - started,
         "time_to_training_s": logged["step 1"][0] - seconds[0] - started if logged["step 1"] else None,
         "bits_per_quantized_param": report.bits_per_quantized_param,
@@ -451,6 +452,7 @@ def measure_baseline(spec: dict, started: float) -> dict:
     )
     from transformers.modeling_layers import GradientCheckpointingLayer
 
+    from qlora import memory
     from qlora.model import quant_report
 
     s = spec["settings"]
@@ -520,7 +522,7 @@ def measure_baseline(spec: dict, started: float) -> dict:
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     return {
         "tokens_per_s": steady_rate(clock.tokens, clock.seconds, spec["warmup_steps"]),
-        "peak_memory_bytes": peak_memory_bytes(torch.device("cuda" if cuda else "cpu")),
+        "peak_memory_bytes": memory.peak_bytes(torch.device("cuda" if cuda else "cpu")),
         "time_to_first_step_s": time_to_first_step,
         "time_to_training_s": clock.first - started,
         "bits_per_quantized_param": report.bits_per_quantized_param,
@@ -535,25 +537,6 @@ def measure_baseline(spec: dict, started: float) -> dict:
         "compute_dtype": str(dtype).removeprefix("torch."),
         "seconds": time.perf_counter() - started,
     }
-
-
-def peak_memory_bytes(device) -> int:
-    """CUDA's max allocated on a GPU; the process's peak resident set on a CPU.
-
-    On Linux the peak resident set is read as VmHWM: getrusage's ru_maxrss survives fork and exec, so in a process
-    started by a larger one (this script's parent holds the model and the data) it reports the parent's peak.
-    """
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    status = Path("/proc/self/status")
-    if status.is_file():
-        line = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
-        return int(line.split()[1]) * 1024  # kB
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB, as Linux and the BSDs report it
 
 
 def is_out_of_memory(error: BaseException) -> bool:

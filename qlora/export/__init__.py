@@ -41,7 +41,8 @@ from qlora.config import (
     size_bytes,
     validate_export,
 )
-from qlora.errors import QloraError
+from qlora.device import default_device
+from qlora.errors import QloraError, first_line
 from qlora.export.verify import Comparison, Probe, as_merged, compare, logits_of, probe
 from qlora.files import fsync_dir, fsync_tree
 from qlora.model import TORCH_DTYPES
@@ -108,7 +109,7 @@ def export(cmd: ExportCommand) -> ExportResult:
     run = read_trained(cmd.run_dir)
     config = run.config
     hub.prepare(hub.hub_ids(config))
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = default_device()
     log.info("export %s (step %s) -> %s as %s, merge=%s, dtype=%s", run.folder, run.state.get("step"), out,
              options.format.value, options.merge.value, options.dtype.value)
 
@@ -265,7 +266,7 @@ def _load_original_with_adapter(run: TrainedRun, device: torch.device):
             dtype=torch.float32, device_map=_device_map(device), attn_implementation=model.attn_implementation)
     except (OSError, ValueError) as e:
         raise QloraError(f"could not load the unquantized base {model.name_or_path} to measure the original merge "
-                         f"({_first_line(e)}); pass export.compare_original=false to skip it") from e
+                         f"({first_line(e)}); pass export.compare_original=false to skip it") from e
     return PeftModel.from_pretrained(base, str(run.adapter), is_trainable=False).eval()
 
 
@@ -284,7 +285,7 @@ def _check_merged(hf_dir: Path, run: TrainedRun, options: ExportConfig, sample: 
             str(hf_dir), dtype=torch.float32, device_map=_device_map(device), output_loading_info=True,
             attn_implementation=run.config.model.attn_implementation)
     except (OSError, ValueError, RuntimeError) as e:
-        verification.errors.append(f"transformers cannot load the merged export ({_first_line(e)})")
+        verification.errors.append(f"transformers cannot load the merged export ({first_line(e)})")
         return
     wrong = {k: sorted(v)[:5] for k, v in info.items()
              if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
@@ -415,7 +416,3 @@ def _free(device: torch.device) -> None:
 def _precision(autocast: torch.dtype | None) -> str:
     return f"both under {str(autocast).removeprefix('torch.')} autocast as in training" if autocast else \
         "both in float32 as in training"
-
-
-def _first_line(e: BaseException) -> str:
-    return next(iter(str(e).splitlines()), "") or type(e).__name__

@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from qlora.config import Config
-from qlora.errors import QloraError
-from qlora.evaluation import perplexity, scored_tokens, token_loss_sum
+from qlora.errors import QloraError, first_line
+from qlora.evaluation import scored_tokens, token_loss_sum
+from qlora.metrics import perplexity
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def probe(config: Config, tokenizer, samples: int, seq_len: int) -> Probe:
         examples = loaded.eval or loaded.train
         where = "eval split" if loaded.eval else "training data (the run had no eval split)"
     except (QloraError, OSError) as e:
-        log.warning("the run's data is not available (%s); verifying on a fixed probe text", str(e).splitlines()[0])
+        log.warning("the run's data is not available (%s); verifying on a fixed probe text", first_line(e))
         examples = []
     if examples:
         chosen = examples[:samples]
