@@ -25,10 +25,26 @@ def is_paged(name: OptimizerName) -> bool:
     return name.value.startswith("paged_")
 
 
+def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
+    """The trainable parameters of `model` as optimizer groups: one at optim.lr; with optim.lora_plus_ratio, the
+    LoRA B matrices (lora_B, lora_embedding_B) in a second group at lr x ratio (LoRA+), after the first, so the
+    first group's lr is the logged one."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if cfg.lora_plus_ratio is None:
+        return [{"params": [p for _, p in trainable]}]
+    is_b = [".lora_B." in name or ".lora_embedding_B." in name for name, _ in trainable]
+    groups = [{"params": [p for (_, p), b in zip(trainable, is_b, strict=True) if not b]},
+              {"params": [p for (_, p), b in zip(trainable, is_b, strict=True) if b],
+               "lr": cfg.lr * cfg.lora_plus_ratio}]
+    log.info("LoRA+: %d B matrices at lr %g (x%g), %d other tensors at lr %g", len(groups[1]["params"]),
+             groups[1]["lr"], cfg.lora_plus_ratio, len(groups[0]["params"]), cfg.lr)
+    return groups
+
+
 def build_optimizer(
-    params: Iterable[torch.nn.Parameter], cfg: OptimConfig, device: torch.device
+    params: Iterable[torch.nn.Parameter] | list[dict], cfg: OptimConfig, device: torch.device
 ) -> torch.optim.Optimizer:
-    """The configured optimizer over `params` (the trainable LoRA parameters)."""
+    """The configured optimizer over `params`: the trainable LoRA parameters, or their groups (`param_groups`)."""
     params = list(params)
     betas = (cfg.betas[0], cfg.betas[1])
     if cfg.name == OptimizerName.adamw:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from qlora import checkpoint, demo, distributed, hub, memory, runfolder
+from qlora import checkpoint, demo, distributed, hub, memory, neftune, runfolder
 from qlora import data as qdata
 from qlora.attention import use_per_sample_sdpa
 from qlora.composition import recipe_description, recipe_paths
@@ -31,7 +31,7 @@ from qlora.config import AUTO, Config, DistStrategy, OnNonFinite, validate
 from qlora.errors import QloraError
 from qlora.evaluation import perplexity, score, scored_tokens
 from qlora.files import write_folder_atomic, write_text_atomic
-from qlora.lora import attach_lora
+from qlora.lora import attach_lora, init_adapter
 from qlora.loss import CausalLMLoss
 from qlora.metrics import MetricsLog, NoMetrics
 from qlora.model import (
@@ -48,7 +48,7 @@ from qlora.model import (
     prepare_kbit,
     quant_report,
 )
-from qlora.optim import build_optimizer, build_scheduler
+from qlora.optim import build_optimizer, build_scheduler, param_groups
 from qlora.plan import check_fits, checkpointed_layers
 
 log = logging.getLogger(__name__)
@@ -212,6 +212,9 @@ def _run(config: Config, accelerator: Accelerator, resumed: checkpoint.Checkpoin
 
     # LoRA
     model = attach_lora(model, config.lora)
+    if resumed is None:  # a resumed run restores its adapter instead
+        init_adapter(model, config.lora, config.model)
+    neftune.attach(model, config.train.neftune_alpha)
     trainable_count, total_count = model.get_nb_trainable_parameters()
     parameters = {"base": total_count - trainable_count, "quantized": base.quantized_params if base else 0,
                   "trainable": trainable_count}
@@ -226,8 +229,7 @@ def _run(config: Config, accelerator: Accelerator, resumed: checkpoint.Checkpoin
         distributed.shard(loss, config.dist, _loss_inputs(qdata.first_batch(train_loader), device, rows=1, tokens=8))
 
     # Optimizer and schedule (after sharding, which replaces the parameters)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(trainable, config.optim, device)
+    optimizer = build_optimizer(param_groups(model, config.optim), config.optim, device)
     scheduler = build_scheduler(optimizer, config.optim, config.train.max_steps)
     processes = accelerator.num_processes
     log.info("optimizer %s (lr %g, %s schedule, %d warmup steps, clip %g); batch %d x %d accumulation%s = %d "
@@ -546,7 +548,8 @@ def _step(training: Training, batches, trainable) -> tuple[float, int, int, floa
     scale = accelerator.num_processes / max(n_trained, 1)
     loss_sum = torch.zeros((), device=accelerator.device)
     for i, batch in enumerate(micro):
-        with _maybe_no_sync(accelerator, training.loss, sync=i == len(micro) - 1), accelerator.autocast():
+        with _maybe_no_sync(accelerator, training.loss, sync=i == len(micro) - 1), accelerator.autocast(), \
+                neftune.noisy(training.model, batch):
             loss = training.loss(**_loss_inputs(batch, accelerator.device))
             accelerator.backward(loss * scale)
         loss_sum += loss.detach()

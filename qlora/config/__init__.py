@@ -57,6 +57,7 @@ from qlora.config.schema import (
     DType,
     Logger,
     LoraConfig,
+    LoraInit,
     MixedPrecision,
     ModelConfig,
     OnInvalid,
@@ -78,7 +79,7 @@ from qlora.config.schema import (
 __all__ = [
     "AUTO", "ArchitectureConfig", "CHAT_TEMPLATE_NAMES", "ColumnsConfig", "Config", "DATA_FILE_SUFFIXES", "DType",
     "DataConfig", "DataFormat", "Device", "DistConfig", "DistStrategy", "EvalCommand", "EvalSubset", "ExportCommand",
-    "ExportConfig", "ExportFormat", "GGUFType", "GenerateCommand", "Logger", "LoraConfig", "MergeMode",
+    "ExportConfig", "ExportFormat", "GGUFType", "GenerateCommand", "Logger", "LoraConfig", "LoraInit", "MergeMode",
     "MixedPrecision", "ModelConfig", "OnInvalid", "OnNonFinite", "OptimConfig", "OptimizerName", "Overlong",
     "PlanCommand", "PreviewCommand", "QuantConfig", "QuantMethod", "REMOVED_KEYS", "RecipesCommand", "ReportCommand",
     "RolesConfig", "Schedule", "ScratchArchitecture", "ScratchModelConfig", "ScratchTokenizer", "TrainConfig",

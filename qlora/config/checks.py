@@ -21,6 +21,7 @@ from qlora.config.schema import (
     DistStrategy,
     DType,
     Logger,
+    LoraInit,
     MixedPrecision,
     ModelConfig,
     OptimizerName,
@@ -110,6 +111,44 @@ def dist_problems(cfg: Config) -> list[str]:
     return problems
 
 
+REFUSED_INITS = {
+    LoraInit.pissa: "peft's PiSSA moves the base weight's principal components into the adapter and needs the residual "
+                    "re-quantized (its pissa_init refuses a 4-bit weight), so the base trained against would not be "
+                    "the 4-bit checkpoint that eval and export load; use lora.init=loftq",
+    LoraInit.olora: "peft's OLoRA subtracts Q R from the base weight and re-quantizes it, so the base trained against "
+                    "would not be the 4-bit checkpoint that eval and export load; use lora.init=loftq",
+    LoraInit.eva: "EVA sets A from an SVD of each layer's activations over the training data before the optimizer is "
+                  "built and may move rank between layers (peft's initialize_lora_eva_weights); this recipe does not "
+                  "run that pass yet; use lora.init=loftq or gaussian",
+}
+"""lora.init choices refused, and why (the one-line config error)."""
+
+
+def quality_problems(cfg: Config) -> list[str]:
+    """lora.init / lora.loftq_iters, optim.lora_plus_ratio and train.neftune_alpha against each other and the base."""
+    problems = []
+    init = cfg.lora.init
+    if init in REFUSED_INITS:
+        problems.append(f"lora.init={init.value}: {REFUSED_INITS[init]}")
+    if init == LoraInit.loftq and cfg.quant.method not in (QuantMethod.nf4, QuantMethod.fp4):
+        problems.append(f"lora.init=loftq corrects a 4-bit base's quantization error, and quant.method="
+                        f"{cfg.quant.method.value} has none to correct; use quant=nf4 (or fp4), or lora.init=default")
+    if init == LoraInit.loftq and cfg.lora.dora:
+        problems.append("lora.init=loftq with lora.dora=true: DoRA's magnitudes are computed from the base before "
+                        "LoftQ sets the adapter, so the start would not be LoftQ's; set one of them off")
+    if cfg.lora.loftq_iters != 1:
+        problems.append(f"lora.loftq_iters={cfg.lora.loftq_iters}: only 1; with the base kept as the checkpoint's "
+                        "4-bit weights one SVD of the residual is already the best rank-r correction, and more "
+                        "iterations re-quantize the base, which eval and export do not load")
+    ratio = cfg.optim.lora_plus_ratio
+    if ratio is not None and not (ratio > 0 and math.isfinite(ratio)):
+        problems.append(f"optim.lora_plus_ratio must be > 0 (got {ratio}); 16 is the paper's, null turns LoRA+ off")
+    alpha = cfg.train.neftune_alpha
+    if alpha is not None and not (alpha > 0 and math.isfinite(alpha)):
+        problems.append(f"train.neftune_alpha must be > 0 (got {alpha}); 5 is common, null turns NEFTune off")
+    return problems
+
+
 def validate(cfg: Config) -> None:
     """Check a training config (`qlora train`, `plan`, `data preview`): what no single field can, and that the
     selected loggers are installed; raise one ConfigError listing every problem found."""
@@ -178,6 +217,7 @@ def validate(cfg: Config) -> None:
         problems.append("resume and overwrite=true contradict each other: resume continues the run in output_dir, "
                         "overwrite replaces it; give one")
     problems += dist_problems(cfg)
+    problems += quality_problems(cfg)
     problems += logger_problems(cfg.train.loggers)
     scratch_positions = scratch.max_position_embeddings if builds_scratch_model(cfg.model) else None
     if scratch_positions is not None and isinstance(seq_len, int) and seq_len > scratch_positions:

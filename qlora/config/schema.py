@@ -44,6 +44,17 @@ class Schedule(str, Enum):
     cosine = "cosine"
 
 
+class LoraInit(str, Enum):
+    """How the adapter matrices start (peft's init_lora_weights, and LoftQ)."""
+
+    default = "default"
+    gaussian = "gaussian"
+    loftq = "loftq"
+    pissa = "pissa"
+    olora = "olora"
+    eva = "eva"
+
+
 class DataFormat(str, Enum):
     alpaca = "alpaca"
     chat = "chat"
@@ -208,6 +219,15 @@ class LoraConfig:
     """Weight-decomposed LoRA (Liu et al. 2024): trains magnitude and direction separately."""
     modules_to_save: list[str] = field(default_factory=list)
     """Extra modules trained in full and saved with the adapter (e.g. [lm_head, embed_tokens])."""
+    init: LoraInit = LoraInit.default
+    """How the adapter starts. default: A Kaiming-uniform, B = 0 (the adapter starts as a no-op); gaussian: A normal
+    with std 1/r, B = 0; loftq: B @ A set to the best rank-r approximation of the 4-bit base's quantization error
+    (float checkpoint weight minus the dequantized weight, by SVD), so base + adapter starts nearer the float model
+    (4-bit bases; reads the checkpoint's safetensors; logged with its cost). pissa, olora and eva are refused: see
+    docs/fidelity.md."""
+    loftq_iters: int = 1
+    """LoftQ alternations. Only 1: with the base fixed as the checkpoint's 4-bit weights, one SVD of the residual is
+    already the best rank-r correction; more iterations re-quantize the base, which export and eval do not load."""
 
 
 @dataclass
@@ -309,6 +329,9 @@ class OptimConfig:
     """Linear warmup from 0 over this many optimizer steps."""
     min_8bit_size: int = 4096
     """bitsandbytes keeps 32-bit state for tensors with fewer elements than this."""
+    lora_plus_ratio: float | None = None
+    """LoRA+ (Hayou et al. 2024): the B matrices train at lr x this ratio (the paper suggests 16), A and everything
+    else at lr; the schedule scales both groups. None: one learning rate."""
 
 
 @dataclass
@@ -378,6 +401,10 @@ class TrainConfig:
     one is also written at the end and on SIGINT / SIGTERM. 0: only those."""
     keep_checkpoints: int = 2
     """How many of the newest checkpoints to keep (older ones go once a newer one is complete); 0 keeps all."""
+    neftune_alpha: float | None = None
+    """NEFTune (Jain et al. 2023): add uniform noise in [-1, 1] x alpha / sqrt(L x hidden) to the input embeddings of
+    training forwards, L being each sample's own length (packed samples apart, padding untouched); never in
+    evaluation, generation or export. 5 is common; None: off."""
     on_nonfinite_loss: OnNonFinite = OnNonFinite.stop
     """A NaN or inf loss or gradient norm: stop (naming the step and the last good checkpoint), or skip that
     update (the run still stops after 10 such steps in a row)."""
