@@ -262,3 +262,34 @@ def test_config_reference_is_current():
     check = subprocess.run([sys.executable, "scripts/config_reference.py", "--check"], cwd=root, capture_output=True,
                            text=True)
     assert check.returncode == 0, check.stderr
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["lora.init=pissa"], "lora.init=pissa: peft's PiSSA moves the base weight's principal components"),
+    (["lora.init=olora"], "lora.init=olora: peft's OLoRA subtracts Q R from the base weight and re-quantizes it"),
+    (["lora.init=eva"], "lora.init=eva: EVA sets A from an SVD of each layer's activations"),
+    (["lora.init=loftq", "quant=none"], "lora.init=loftq corrects a 4-bit base's quantization error, and "
+                                        "quant.method=none has none to correct; use quant=nf4"),
+    (["lora.init=loftq", "quant=int8", "quant.double_quant=false"], "lora.init=loftq corrects a 4-bit base's"),
+    (["lora.init=loftq", "lora.dora=true"], "lora.init=loftq with lora.dora=true: DoRA's magnitudes"),
+    (["lora.init=loftq", "lora.loftq_iters=3"], "lora.loftq_iters=3: only 1;"),
+    (["optim.lora_plus_ratio=0"], "optim.lora_plus_ratio must be > 0 (got 0.0); 16 is the paper's, null turns"),
+    (["train.neftune_alpha=-5"], "train.neftune_alpha must be > 0 (got -5.0); 5 is common, null turns NEFTune off"),
+])
+def test_quality_options_are_refused_in_one_line_each(overrides, expected, tmp_path):
+    config = compose_config([*overrides, f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError) as e:
+        validate(config)
+    assert len(e.value.problems) == 1, e.value.problems
+    assert e.value.problems[0].startswith(expected), e.value.problems[0]
+    assert "\n" not in e.value.problems[0]
+
+
+def test_quality_options_compose_and_validate(tmp_path):
+    config = compose_config(["lora.init=loftq", "optim.lora_plus_ratio=16", "train.neftune_alpha=5",
+                             f"output_dir={tmp_path}"])
+    validate(config)
+    assert (config.lora.init.value, config.optim.lora_plus_ratio, config.train.neftune_alpha) == ("loftq", 16, 5)
+    with pytest.raises(ConfigError, match="lora.init: Invalid value 'lofq', expected one of \\[default, gaussian, "
+                                          "loftq"):
+        compose_config(["lora.init=lofq", f"output_dir={tmp_path}"])
