@@ -80,15 +80,16 @@ def step0(work: Path) -> dict:
     return rows
 
 
-def finetune(work: Path, variants: list[str], seeds: list[int], steps: int) -> dict:
+def finetune(work: Path, variants: list[str], seeds: list[int], steps: int, eval_sequences: int) -> dict:
     from qlora.train import run
 
     rows = {}
-    for variant in variants:
-        for seed in seeds:
+    for seed in seeds:  # seed-major: a stopped sweep still compares the variants
+        for variant in variants:
             out = work / variant / str(seed)
             config = compose_config([RECIPE, *SHORT, f"output_dir={out}", f"seed={seed}", f"train.max_steps={steps}",
-                                     f"train.eval_every_steps={steps // 2}", *VARIANTS[variant]])
+                                     f"train.eval_every_steps={steps}",
+                                     f"train.eval_max_sequences={eval_sequences}", *VARIANTS[variant]])
             t0 = time.perf_counter()
             result = run(config)
             rows.setdefault(variant, []).append({
@@ -125,13 +126,15 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[42])
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--eval-sequences", type=int, default=48,
+                        help="finetune: held-out sequences scored at step 0 and at the end (the first of the 100)")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     logging.getLogger("qlora").setLevel(logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix="qlora-quality-"))
     results = {"step0": step0(work)} if args.part == "step0" else \
-        {"finetune": finetune(work, args.variants, args.seeds, args.steps), "steps": args.steps}
+        {"finetune": finetune(work, args.variants, args.seeds, args.steps, args.eval_sequences), "steps": args.steps}
     print(tables(results))
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")

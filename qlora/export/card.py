@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from qlora.config import ExportCommand, ExportFormat, MergeMode, QuantMethod
+from qlora.config import ExportCommand, ExportFormat, LoraInit, MergeMode, QuantMethod
 from qlora.runfolder import TrainedRun
 
 _WHAT = {
@@ -45,6 +45,8 @@ def model_card(run: TrainedRun, cmd: ExportCommand, verification, files: list[st
               f"| base quantization | {quant}, compute dtype {config.quant.compute_dtype.value} |",
               f"| LoRA | r={lora.r}, alpha={lora.alpha:g}, dropout={lora.dropout:g}, targets "
               f"{', '.join(lora.target_modules)}{', rsLoRA' if lora.rslora else ''}{', DoRA' if lora.dora else ''} |",
+              f"| adapter init | {_init(config)} |",
+              f"| quality options | {_options(config)} |",
               f"| recipe | {run.recipe or '(not recorded)'} |",
               f"| data | `{config.data.path}` ({config.data.format.value}) |",
               f"| steps | {run.state.get('step')} of {config.train.max_steps}, batch "
@@ -97,6 +99,23 @@ def _usage(cmd: ExportCommand, files: list[str], tokenizer) -> list[str]:
             "output = model.generate(**inputs, max_new_tokens=128)",
             "print(tokenizer.decode(output[0, inputs['input_ids'].shape[1]:], skip_special_tokens=True))", "```", "",
             f"or `qlora generate model={folder} prompt=\"...\"`."]
+
+
+def _init(config) -> str:
+    if config.lora.init == LoraInit.loftq:
+        return ("loftq: B @ A started as the rank-r SVD of the base's quantization error, so the adapter holds a "
+                "correction towards the float weights; merged into the dequantized base it computes what was trained, "
+                "merged into the original weights (or applied to them) it counts that correction twice")
+    return config.lora.init.value
+
+
+def _options(config) -> str:
+    used = []
+    if config.optim.lora_plus_ratio is not None:
+        used.append(f"LoRA+ (B matrices at lr x {config.optim.lora_plus_ratio:g})")
+    if config.train.neftune_alpha is not None:
+        used.append(f"NEFTune (alpha {config.train.neftune_alpha:g}, training forwards only)")
+    return ", ".join(used) or "none"
 
 
 def _loss(loss: float | None) -> str:

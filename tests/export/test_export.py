@@ -359,3 +359,29 @@ def test_the_last_checkpoint_exports_the_same_bytes_as_the_finished_run(trained)
     from_checkpoint = export(compose_command(ExportCommand, [
         f"run_dir={last}", f"output_dir={root / 'from-checkpoint'}", "export.compare_original=false"])).output_dir
     assert (from_run / "model.safetensors").read_bytes() == (from_checkpoint / "model.safetensors").read_bytes()
+
+
+@pytest.mark.slow
+def test_a_loftq_run_with_lora_plus_and_neftune_merges_exactly(tmp_path):
+    """The merge of a LoftQ-initialised adapter is the trained model (its correction lives in the adapter, merged into
+    the dequantized base); NEFTune leaves nothing in the export; the card lists the options."""
+    cache = tmp_path / "cache"
+    config = compose_config([f"cache_dir={cache}", *TINY, f"model.scratch.path={cache}/tiny128",
+                             f"output_dir={tmp_path / 'run'}", "train.max_steps=6", "train.eval_every_steps=6",
+                             "train.report=false", "lora.init=loftq", "optim.lora_plus_ratio=16",
+                             "train.neftune_alpha=5"])
+    result = run(config)
+    cmd = compose_command(ExportCommand, [f"run_dir={result.output_dir}", f"output_dir={tmp_path / 'hf32'}",
+                                          "export.dtype=float32", "export.compare_original=false"])
+    exported = export(cmd)
+    check = exported.verification.checks["merged_vs_rounded_trained"]
+    assert check.mean_kl < 1e-12 and check.max_abs_logit_diff < 1e-5
+    merged = AutoModelForCausalLM.from_pretrained(exported.output_dir, dtype=torch.float32)
+    trained_model = load_trained_model(read_trained(str(result.output_dir)).config, result.output_dir / "adapter",
+                                       torch.device("cpu"))
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7, 2, 11]])
+    torch.testing.assert_close(_logits(merged, ids), _logits(trained_model, ids), atol=1e-4, rtol=1e-4)
+    card = (exported.output_dir / "README.md").read_text()
+    for fact in ("| adapter init | loftq: B @ A started as the rank-r SVD", "LoRA+ (B matrices at lr x 16)",
+                 "NEFTune (alpha 5, training forwards only)"):
+        assert fact in card, fact
