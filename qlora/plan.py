@@ -30,7 +30,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from qlora import memory
-from qlora.config import AUTO, Config, DType, OptimizerName, QuantMethod, ScratchTokenizer, builds_scratch_model
+from qlora.config import (
+    AUTO,
+    Config,
+    DType,
+    LoraInit,
+    OptimizerName,
+    QuantMethod,
+    ScratchTokenizer,
+    builds_scratch_model,
+)
 from qlora.errors import QloraError, first_line
 from qlora.model import nbytes
 
@@ -45,6 +54,9 @@ BLOCKSIZE_OPTIM = 256
 """State elements per float32 absmax in bitsandbytes' 8-bit optimizers."""
 QMAP_BYTES = 256 * 4
 """One 8-bit optimizer code book (256 float32 values), shared by all parameters."""
+LOFTQ_COPIES = 6
+"""Float32 copies of one weight LoftQ holds at once (qlora.loftq: checkpoint weight, dequantized weight, two residuals,
+U and V^T), measured by tests/test_plan.py."""
 CUDA_RESERVE = GIB
 """Left free on the GPU for the CUDA context, cuBLAS workspaces and allocator fragmentation."""
 AUTO_SHARE = 0.9
@@ -150,6 +162,11 @@ class Plan:
     plan is made. 0 on a GPU, whose memory holds the run's tensors alone."""
     allocator_share: float = 0.0
     """On a CPU: what malloc keeps beyond the step's tensors, as a share of them (CPU_ALLOCATOR_SHARE)."""
+    init_bytes: int = 0
+    """lora.init=loftq, before training (no gradients, optimizer state or activations yet): the largest adapted
+    weight's float32 copies LoftQ holds at once (LOFTQ_COPIES: the checkpoint's, the dequantized, the residual and
+    its SVD factors). 0 for the other inits. LoRA+ (two optimizer groups over the same tensors) and NEFTune (noise
+    the size of the input embeddings, freed before the layers run) add nothing at the peak."""
 
     @property
     def step_bytes(self) -> int:
@@ -171,7 +188,8 @@ class Plan:
 
     @property
     def total_bytes(self) -> int:
-        return self.fixed_bytes + self.step_bytes + self.allocator_bytes
+        training = self.fixed_bytes + self.step_bytes + self.allocator_bytes
+        return max(training, self.host_bytes + self.weights_bytes + self.init_bytes)
 
     @property
     def usable_bytes(self) -> int | None:
@@ -233,6 +251,9 @@ def plan(config: Config, device: str = "cuda", checkpointed: int | None = None) 
     quantized_parameters = sum(m.weight.numel() for m in quantized.values())
     trainable_bytes = sum(nbytes(p) for p in trainable)
     host = (memory.resident_bytes() or 0) if device == "cpu" else 0
+    init = 0
+    if config.lora.init == LoraInit.loftq:
+        init = LOFTQ_COPIES * 4 * max((m.in_features * m.out_features for m in adapted), default=0)
 
     def with_checkpointing(checkpointed: int) -> Plan:
         per_token = _activation_per_token(arch, len(adapted), config, dtype, autocast, upcast, checkpointed, eager)
@@ -261,6 +282,7 @@ def plan(config: Config, device: str = "cuda", checkpointed: int | None = None) 
             max_positions=getattr(arch, "max_position_embeddings", None),
             host_bytes=host,
             allocator_share=CPU_ALLOCATOR_SHARE if device == "cpu" and not memory.compact_malloc() else 0.0,
+            init_bytes=init,
         )
 
     if checkpointed is not None:
@@ -578,11 +600,12 @@ def describe(p: Plan, config: Config) -> str:
         ("logits and loss", (f"chunks of {t.loss_chunk_tokens} tokens, float32 (estimate)" if t.loss_chunk_tokens
                              else "all positions' float32 log-softmax and its gradients (estimate)"), p.logits_bytes),
         ("workspace", "dequantized weight, gradients in flight (estimate)", p.workspace_bytes),
+        ("LoftQ init", "before training: the largest adapted weight's float32 copies (estimate)", p.init_bytes),
         ("allocator", f"freed temporaries malloc keeps: {p.allocator_share:.0%} of a step's (measured; "
                       "QLORA_MALLOC=compact: 0)",
          p.allocator_bytes),
     ]
-    rows = [r for r in rows if r[2] or r[0] not in ("process", "allocator")]  # CPU plans only
+    rows = [r for r in rows if r[2] or r[0] not in ("process", "allocator", "LoftQ init")]  # CPU plans; LoftQ only
     width = max(len(r[0]) for r in rows)
     lines = [f"qlora plan: {p.model} on {p.device} ({p.dtype} compute)"]
     lines += [f"  {name:<{width}}  {gib(n):>11}  {what}" for name, what, n in rows]

@@ -231,3 +231,23 @@ def test_qlora_malloc_compact_restarts_the_command_with_its_malloc_settings(monk
                       {"MALLOC_MMAP_THRESHOLD_": "1048576", "MALLOC_ARENA_MAX": "1"})]
     assert memory.compact_malloc()  # as in the restarted process: no second restart
     assert memory.exec_with_compact_malloc(["plan"]) is None and len(calls) == 1
+
+
+def test_loftq_init_plan_bounds_what_it_allocates_and_lora_plus_changes_no_state(tiny_config):
+    from qlora.lora import init_adapter
+    from qlora.optim import param_groups
+
+    config = tiny_config("lora.init=loftq", "optim.lora_plus_ratio=16", "train.neftune_alpha=5")
+    model = attach_lora(_prepared_base(config), config.lora)
+    with PeakBytes() as peak:
+        init_adapter(model, config.lora, config.model)
+    estimate = plan(config, "cpu")
+    largest = 4 * config.model.scratch.hidden_size * config.model.scratch.intermediate_size  # float32 MLP weight
+    assert estimate.init_bytes == 6 * largest
+    assert 3 * largest < peak.bytes <= estimate.init_bytes  # the tensors safetensors reads are not seen by PeakBytes
+    optimizer = build_optimizer(param_groups(model, config.optim), config.optim, CPU)
+    model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits.float().sum().backward()
+    optimizer.step()
+    assert estimate.optimizer_bytes == measured_state_bytes(optimizer)
+    plain = plan(tiny_config(), "cpu")  # the init's copies sit under the training peak; the process's own bytes vary
+    assert estimate.total_bytes - estimate.host_bytes == plain.total_bytes - plain.host_bytes
