@@ -48,11 +48,11 @@ VARIANTS = {
 INITS = ["default", "gaussian", "loftq"]
 
 
-def step0(work: Path) -> dict:
+def step0(work: Path, inits: list[str]) -> dict:
     """Held-out loss before training: float base, and nf4-dq with each init (adapter attached, not trained)."""
     rows = {}
     for name, overrides in [("float (quant=none)", ["quant=none"]),
-                            *((f"nf4-dq, lora.init={init}", ["quant=nf4-dq", f"lora.init={init}"]) for init in INITS)]:
+                            *((f"nf4-dq, lora.init={init}", ["quant=nf4-dq", f"lora.init={init}"]) for init in inits)]:
         config = compose_config([RECIPE, *SHORT, f"output_dir={work / 'step0'}", *overrides])
         tokenizer = load_tokenizer(config.model)
         qdata.use_chat_template(config.data, tokenizer)
@@ -74,9 +74,9 @@ def step0(work: Path) -> dict:
                  result.sequences, result.tokens, init_seconds)
         del model
     float_loss = rows["float (quant=none)"]["eval_loss"]
-    nf4 = rows["nf4-dq, lora.init=default"]["eval_loss"]
+    nf4 = rows.get("nf4-dq, lora.init=default", {}).get("eval_loss")
     for row in rows.values():
-        row["gap_closed"] = (nf4 - row["eval_loss"]) / (nf4 - float_loss) if nf4 != float_loss else None
+        row["gap_closed"] = (nf4 - row["eval_loss"]) / (nf4 - float_loss) if nf4 not in (None, float_loss) else None
     return rows
 
 
@@ -124,6 +124,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", choices=["step0", "finetune"])
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--inits", nargs="+", choices=INITS, default=INITS, help="step0: the inits scored")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--eval-sequences", type=int, default=48,
@@ -133,7 +134,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     logging.getLogger("qlora").setLevel(logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix="qlora-quality-"))
-    results = {"step0": step0(work)} if args.part == "step0" else \
+    results = {"step0": step0(work, args.inits)} if args.part == "step0" else \
         {"finetune": finetune(work, args.variants, args.seeds, args.steps, args.eval_sequences), "steps": args.steps}
     print(tables(results))
     if args.out:

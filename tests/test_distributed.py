@@ -164,3 +164,22 @@ def test_resuming_with_another_process_count_is_refused():
         _check_processes(state, 1, force=False)
     _check_processes(state, 4, force=True)
     assert state.batch == 3  # 12 batches drawn in all, so 3 by each of 4 processes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_quality_options_train_under_both_strategies(runs, strategy):
+    """LoftQ init (before sharding), LoRA+ groups (built from the sharded parameters) and NEFTune (a hook on the
+    sharded embeddings) under two processes: the processes end with one adapter, trained, as LoRA+ and LoftQ said."""
+    out = runs["root"] / f"{strategy}-quality"
+    extra = ["dist=ddp"] if strategy == "ddp" else ["dist=fsdp", "optim=adamw"]
+    torchrun("tests/distributed_worker.py", str(runs["root"] / f"{strategy}-quality-ranks"), *runs["common"],
+             *TWO_PROCESSES, *extra, "lora.init=loftq", "optim.lora_plus_ratio=16", "train.neftune_alpha=5",
+             f"output_dir={out}")
+    first, second = (torch.load(runs["root"] / f"{strategy}-quality-ranks" / f"rank{r}.pt")["adapter"]
+                     for r in range(2))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    log = (out / "train.log").read_text()
+    assert "LoRA init loftq: 14 layers" in log and "LoRA+: 14 B matrices at lr" in log, log[-2000:]
+    evals = [r["eval_loss"] for r in read_metrics(out) if "eval_loss" in r]
+    assert evals[-1] < evals[0], evals
