@@ -60,7 +60,9 @@ def test_every_recipe_composes(recipe, tmp_path):
         assert set(config.model.architecture.given()) == {f.name for f in dataclasses.fields(ArchitectureConfig)}
 
 
-@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+# A compose is about 0.7 s: the model options, each composed by its recipe above as well, are in the slow tier.
+@pytest.mark.parametrize("group,option", [pytest.param(g, o, marks=pytest.mark.slow) if g == "model" else (g, o)
+                                          for g in GROUPS for o in options(g)])
 def test_every_group_option_composes(group, option, tmp_path):
     overrides = [f"{group}={option}", f"output_dir={tmp_path}/out", f"cache_dir={tmp_path}"]
     if option == "custom" or (group == "model" and not option.startswith("tiny")):  # recipe=custom: own data
@@ -74,12 +76,14 @@ def test_every_group_option_composes(group, option, tmp_path):
 @pytest.mark.parametrize("option,method,dq", [("nf4", "nf4", False), ("nf4-dq", "nf4", True), ("fp4", "fp4", False),
                                               ("fp4-dq", "fp4", True), ("int8", "int8", False),
                                               ("none", "none", False)])
+@pytest.mark.slow
 def test_quant_options_mean_what_they_say(option, method, dq, tmp_path):
     config = compose_config([f"quant={option}", f"output_dir={tmp_path}"])
     assert (config.quant.method.value, config.quant.double_quant) == (method, dq)
 
 
 @pytest.mark.parametrize("option", [o.value for o in OptimizerName])
+@pytest.mark.slow
 def test_optim_options_match_the_contract(option, tmp_path):
     assert options("optim") == sorted(o.value for o in OptimizerName)
     config = compose_config([f"optim={option}", f"output_dir={tmp_path}"])
@@ -151,12 +155,14 @@ def test_sweep_expansion_covers_every_value():
     assert all("optim.lr=1e-4" in r for r in values)
 
 
+# One `python -m qlora` each (seconds of imports): the fast tier keeps a composition error and a bad command.
 @pytest.mark.parametrize("args,expected", [
     (["train", "lora.rr=3"], "qlora: config error: unknown config key 'lora.rr'"),
-    (["train", "quant=nf5"], "qlora: config error: unknown quant 'nf5'"),
-    (["train", "+foo=1"], "qlora: config error: '+foo=1': the config schema is fixed"),
-    (["train", "-m", "lora.r=8,abc"], "qlora: config error: lora.r: Value 'abc'"),
-    (["train", "lora.r=-1"], "qlora: config error: lora.r must be > 0 (got -1)"),
+    pytest.param(["train", "quant=nf5"], "qlora: config error: unknown quant 'nf5'", marks=pytest.mark.slow),
+    pytest.param(["train", "+foo=1"], "qlora: config error: '+foo=1': the config schema is fixed",
+                 marks=pytest.mark.slow),
+    pytest.param(["train", "-m", "lora.r=8,abc"], "qlora: config error: lora.r: Value 'abc'", marks=pytest.mark.slow),
+    pytest.param(["train", "lora.r=-1"], "qlora: config error: lora.r must be > 0 (got -1)", marks=pytest.mark.slow),
     (["frobnicate"], "qlora: unknown command 'frobnicate'"),
 ])
 def test_cli_errors_are_one_line_exit_2_and_write_nothing(args, expected, tmp_path):
@@ -168,6 +174,7 @@ def test_cli_errors_are_one_line_exit_2_and_write_nothing(args, expected, tmp_pa
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_cli_refuses_to_touch_a_previous_run(tmp_path):
     run = tmp_path / "runs" / "a"
     (run / "adapter").mkdir(parents=True)
@@ -180,6 +187,7 @@ def test_cli_refuses_to_touch_a_previous_run(tmp_path):
     assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == b"precious"
 
 
+@pytest.mark.slow
 def test_cfg_job_prints_the_config_and_loads_nothing(tmp_path):
     result = qlora_cli("train", "--cfg", "job", "lora.r=32", f"output_dir={tmp_path}/out", f"cache_dir={tmp_path}/c",
                        cwd=tmp_path)
@@ -188,6 +196,7 @@ def test_cfg_job_prints_the_config_and_loads_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_recipes_lists_each_with_its_description(tmp_path):
     result = qlora_cli("recipes", cwd=tmp_path)
     assert result.returncode == 0
@@ -196,6 +205,7 @@ def test_recipes_lists_each_with_its_description(tmp_path):
     assert all(len(line.split(maxsplit=1)) == 2 for line in lines)
 
 
+@pytest.mark.slow
 def test_help_works_without_loading_torch(tmp_path):
     import subprocess
     import sys
