@@ -60,8 +60,10 @@ def test_every_recipe_composes(recipe, tmp_path):
         assert set(config.model.architecture.given()) == {f.name for f in dataclasses.fields(ArchitectureConfig)}
 
 
-# A compose is about 0.7 s: the model options, each composed by its recipe above as well, are in the slow tier.
-@pytest.mark.parametrize("group,option", [pytest.param(g, o, marks=pytest.mark.slow) if g == "model" else (g, o)
+# A compose is about 0.7 s of CPU. In the slow tier: the model options (each hub one is composed by its recipe above)
+# and the quant and optim ones (composed, and checked for their meaning, by the two tests below).
+@pytest.mark.parametrize("group,option", [pytest.param(g, o, marks=pytest.mark.slow)
+                                          if g in ("model", "quant", "optim") else (g, o)
                                           for g in GROUPS for o in options(g)])
 def test_every_group_option_composes(group, option, tmp_path):
     overrides = [f"{group}={option}", f"output_dir={tmp_path}/out", f"cache_dir={tmp_path}"]
@@ -76,14 +78,12 @@ def test_every_group_option_composes(group, option, tmp_path):
 @pytest.mark.parametrize("option,method,dq", [("nf4", "nf4", False), ("nf4-dq", "nf4", True), ("fp4", "fp4", False),
                                               ("fp4-dq", "fp4", True), ("int8", "int8", False),
                                               ("none", "none", False)])
-@pytest.mark.slow
 def test_quant_options_mean_what_they_say(option, method, dq, tmp_path):
     config = compose_config([f"quant={option}", f"output_dir={tmp_path}"])
     assert (config.quant.method.value, config.quant.double_quant) == (method, dq)
 
 
 @pytest.mark.parametrize("option", [o.value for o in OptimizerName])
-@pytest.mark.slow
 def test_optim_options_match_the_contract(option, tmp_path):
     assert options("optim") == sorted(o.value for o in OptimizerName)
     config = compose_config([f"optim={option}", f"output_dir={tmp_path}"])
