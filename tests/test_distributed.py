@@ -23,6 +23,8 @@ from qlora.metrics import read_metrics
 from qlora.train import TrainState, _check_processes, run
 from tests.runs import REPO, TINY
 
+pytestmark = pytest.mark.slow  # several processes launched by torchrun
+
 STEPS = 8
 COMMON = [*TINY, "lora.dropout=0", f"train.max_steps={STEPS}", "train.log_every_steps=1", "train.eval_every_steps=4",
           "train.save_every_steps=4", "train.keep_checkpoints=0", "train.sample_prompts=[]", "train.report=false"]

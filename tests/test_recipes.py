@@ -91,6 +91,7 @@ def matches_published(count: int, published: str) -> bool:
 
 
 @pytest.mark.parametrize("option", [o for o in model_options() if not o.startswith("tiny-") and o != "custom"])
+@pytest.mark.slow
 def test_architecture_builds_with_the_published_parameter_count(option, tmp_path):
     torch = pytest.importorskip("torch")
     from transformers import AutoConfig, AutoModelForCausalLM

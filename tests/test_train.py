@@ -16,6 +16,8 @@ from qlora.model import load_base_model, load_tokenizer
 from qlora.train import run
 from tests.runs import TINY, qlora_cli
 
+pytestmark = pytest.mark.slow  # every test trains the tiny model end to end
+
 STEPS = 40
 
 

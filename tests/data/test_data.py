@@ -282,6 +282,7 @@ def test_csv_and_parquet_give_the_same_samples_as_json(tmp_path, bpe, suffix):
     assert [e.input_ids.tolist() for e in examples] == [e.input_ids.tolist() for e in expected]
 
 
+@pytest.mark.slow
 def test_reads_the_shared_alpaca_sample(bpe):
     from tests.runs import ALPACA_5000
 
@@ -307,6 +308,7 @@ def _alpaca_file(tmp_path, lengths: list[int]) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_seq_len_auto_holds_99_percent_of_the_samples_capped_by_the_model(tmp_path, bpe, tiny_config):
     lengths = [8] * 297 + [150, 160, 1000]  # 3 long outliers of 300: 1% may be cut
     config = tiny_config("train.seq_len=auto", f"data.path={_alpaca_file(tmp_path, lengths)}", "data.cache=false")
