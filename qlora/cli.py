@@ -1,8 +1,9 @@
-"""The `qlora` command: `qlora train [hydra overrides]`, `plan`, `export`, `generate`, `eval`, `data preview`,
-`recipes`, `report`.
+"""The `qlora` command: `qlora train`, `plan`, `export`, `generate`, `eval`, `data preview`, `recipes`, `report`.
 
-`train` composes and validates the config first (and every point of a `-m` sweep), so a bad key, type,
-option or value is reported as one line with exit status 2 before Hydra creates any folder or anything is
+One grammar for all of them: `key=value` arguments, typed by the command's schema (qlora.config), and
+`qlora COMMAND --help` for its keys. `train` takes Hydra overrides (`plan` and `data preview` take them too,
+beside their own keys); it composes and validates the config first (and every point of a `-m` sweep), so a bad
+key, type, option or value is one line with exit status 2 before Hydra creates any folder or anything is
 loaded. Then Hydra runs the job as usual: `--cfg job`, `-m` and every other Hydra flag work.
 """
 
@@ -10,14 +11,16 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-USAGE = """usage: qlora <command> [args]
+USAGE = """usage: qlora <command> [key=value ...]      (qlora <command> --help lists a command's keys)
 
 commands:
   train [overrides]   fine-tune: qlora train recipe=NAME lora.r=32 optim.lr=1e-4 output_dir=runs/a
                       Hydra flags work: -m (sweep), --cfg job (print config), --help (config groups)
-  plan [--device cuda|cpu] [overrides]
+  plan [device=cuda|cpu] [overrides]
                       the run's GPU memory from the model's config alone (nothing downloaded or loaded):
                       quantized base, LoRA, optimizer state, activations; what fits the GPU
                       (train.memory_limit_gb=N plans for a card of N GiB)
@@ -29,14 +32,38 @@ commands:
   eval run_dir=RUN|model=MODEL [data.path=FILE] [quant=nf4-dq] [base=true] [output=eval.json]
                       perplexity and mean loss per trained token of a run (on its held-out split by default),
                       a merged export or a base model, as a table and as JSON
-  data preview [--samples N] [overrides]
+  data preview [samples=N] [overrides]
                       show samples as trained (trained tokens marked), lengths, counts and padding,
                       without loading the model: qlora data preview recipe=NAME
   recipes             the recipe catalog: task, model, GPU memory and time of each
-  report RUN          (re)draw a run's report.html and report.png from its run folder
+  report run_dir=RUN  (re)draw a run's report.html and report.png from its run folder
 
 Errors are one line each; pass debug=true (or set QLORA_DEBUG=1) for the traceback.
 """
+
+OVERRIDES_NOTE = ("Every other argument is a training override, as for qlora train: recipe=NAME, GROUP=OPTION, "
+                  "GROUP.KEY=VALUE (qlora train --help lists the groups; docs/config.md every key).")
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command other than train: its schema (the keys it takes), and what it does with them."""
+
+    usage: str
+    schema: Callable[[], type]
+    """The schema's dataclass, imported when the command runs (so `qlora --help` imports nothing heavy)."""
+    job: Callable
+    """job(cmd) or, with `overrides`, job(cmd, overrides): runs the command."""
+    overrides: bool = False
+    """Arguments whose key is not the schema's are training overrides."""
+    old_flags: dict[str, str] = field(default_factory=dict)
+    """Earlier spellings, `--flag VALUE` -> the key they now are (accepted with a deprecation notice)."""
+    positional: str | None = None
+    """The key an earlier bare positional argument now is (accepted with a deprecation notice)."""
+    defaults: Callable[[list[str]], dict | None] | None = None
+    """Defaults that depend on the arguments (a run's data settings for eval), over the schema's own."""
+    logs: bool = True
+    """Show qlora's progress messages (INFO); False keeps the output to what the command prints."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,140 +75,45 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
         return 0 if argv else 2
-    command, rest = argv[0], argv[1:]
-    if command == "train":
+    name, rest = argv[0], argv[1:]
+    if name == "data" and rest[:1] == ["preview"]:
+        name, rest = "data preview", rest[1:]
+    if name == "train":
         return train(rest)
-    if command == "plan":
-        return plan(rest)
-    if command == "recipes":
-        return recipes()
-    if command == "report":
-        return report(rest)
-    if command == "export":
-        return export(rest)
-    if command == "generate":
-        return generate(rest)
-    if command == "eval":
-        return evaluate(rest)
-    if command == "data" and rest[:1] == ["preview"]:
-        return data_preview(rest[1:])
-    print(f"qlora: unknown command '{' '.join(argv[:2])}'; choose one of: train, plan, export, generate, "
-          "eval, data preview, recipes, report (qlora --help)", file=sys.stderr)
-    return 2
-
-
-def recipes() -> int:
-    from qlora.recipes import catalog, table
-
-    print(table(catalog()))
-    return 0
-
-
-def report(args: list[str]) -> int:
-    """qlora report RUN_DIR: write the run's report.html and report.png (again)."""
-    from qlora.errors import QloraError
-
-    if len(args) != 1 or args[0].startswith("-"):
-        print("usage: qlora report RUN_DIR", file=sys.stderr)
+    if name not in COMMANDS:
+        print(f"qlora: unknown command '{' '.join(argv[:2])}'; choose one of: train, {', '.join(COMMANDS)} "
+              "(qlora --help)", file=sys.stderr)
         return 2
-    try:
-        from qlora.report import write_report
-
-        png, html = write_report(Path(args[0]))
-    except QloraError as e:
-        return _report(e)
-    print(f"wrote {html} and {png}")
-    return 0
+    return run_command(COMMANDS[name], rest)
 
 
-def export(args: list[str]) -> int:
-    """qlora export run_dir=... output_dir=... [export.KEY=VALUE ...]"""
-    from qlora.config import ExportCommand
-
-    def job(cmd: ExportCommand) -> None:
-        from qlora.export import export as run_export
-
-        result = run_export(cmd)
-        print(f"exported {cmd.run_dir} to {result.output_dir}: {', '.join(result.files)}")
-
-    return _command(ExportCommand, args, job)
-
-
-def generate(args: list[str]) -> int:
-    """qlora generate run_dir=...|model=... prompt=... [temperature=... top_p=... max_new_tokens=...]"""
-    from qlora.config import GenerateCommand
-
-    def job(cmd: GenerateCommand) -> None:
-        from qlora.generate import generate as run_generate
-
-        run_generate(cmd)
-
-    return _command(GenerateCommand, args, job)
-
-
-def evaluate(args: list[str]) -> int:
-    """qlora eval run_dir=...|model=... [data.KEY=VALUE ...] [quant=...] [base=true] [output=...]"""
-    from qlora.config import EvalCommand
-
-    def job(cmd: EvalCommand) -> None:
-        from qlora.evaluation import evaluate as run_evaluate
-
-        run_evaluate(cmd)
-
-    def defaults() -> dict | None:
-        from qlora.evaluation import command_defaults
-
-        return command_defaults(args)
-
-    return _command(EvalCommand, args, job, defaults)
-
-
-def _command(schema: type, args: list[str], job, defaults=None) -> int:
-    """Parse key=value arguments into `schema` (over `defaults()`, if given), run `job` on it, and turn
-    QloraErrors into one-line messages."""
+def run_command(command: Command, args: list[str]) -> int:
+    """Parse `args` into the command's schema (one-line errors, exit 2), then run it."""
     from qlora.errors import QloraError
 
-    if args[:1] in (["-h"], ["--help"]):
-        print(USAGE, end="")
+    if any(a in ("-h", "--help") for a in args):
+        from qlora.config.fields import help_text
+
+        print(help_text(command.schema(), command.usage, OVERRIDES_NOTE if command.overrides else ""), end="")
         return 0
     try:
-        from qlora.composition import compose_command
+        args = _current_spelling(command, args)
+        from qlora.composition import check_keys, compose_command
 
-        cmd = compose_command(schema, args, defaults() if defaults else None)
+        schema = command.schema()
+        own, overrides = _split(schema, args) if command.overrides else (args, [])
+        check_keys(schema, own)  # before any defaults are read (a run folder, for eval)
+        cmd = compose_command(schema, own, command.defaults(own) if command.defaults else None)
         _quiet_libraries()
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
-        logging.getLogger("qlora").setLevel(logging.INFO)
-        job(cmd)
+        if command.logs:
+            logging.getLogger("qlora").setLevel(logging.INFO)
+        command.job(cmd, overrides) if command.overrides else command.job(cmd)
     except QloraError as e:
         return _report(e, _debug(args))
     except KeyboardInterrupt:
         print("qlora: interrupted", file=sys.stderr)
         return 130
-    return 0
-
-
-def data_preview(args: list[str]) -> int:
-    import argparse
-
-    from qlora.errors import QloraError
-
-    parser = argparse.ArgumentParser(prog="qlora data preview")
-    parser.add_argument("--samples", type=int, default=3, help="samples to show (default 3)")
-    parser.add_argument("overrides", nargs="*", help="config overrides, as for qlora train")
-    options = parser.parse_intermixed_args(args)
-    try:
-        config = _validated_config(options.overrides)
-        logging.basicConfig(level=logging.WARNING, format="%(message)s")
-        from qlora import data
-        from qlora.data.preview import preview
-
-        tokenizer = _tokenizer(config)
-        config = _with_seq_len(config, tokenizer)
-        tokenized = data.load(config.data, tokenizer, config.train.seq_len, config.seed,
-                              Path(config.cache_dir).expanduser())
-        preview(config, tokenizer, tokenized, options.samples)
-    except QloraError as e:
-        return _report(e, _debug(options.overrides))
     except BrokenPipeError:  # the reader stopped early (`| head`): not an error
         import os
 
@@ -189,30 +121,128 @@ def data_preview(args: list[str]) -> int:
     return 0
 
 
-def plan(args: list[str]) -> int:
-    """qlora plan [--device cuda|cpu] [overrides]: the run's memory, from the model's config alone."""
-    import argparse
+def _current_spelling(command: Command, args: list[str]) -> list[str]:
+    """`args` with the earlier spellings (`--device cuda`, a bare run folder) as key=value, each said once."""
+    out, rest = [], list(args)
+    while rest:
+        arg = rest.pop(0)
+        flag, eq, value = arg.partition("=")
+        if flag in command.old_flags:
+            if not eq:
+                if not rest:
+                    from qlora.errors import ConfigError
 
-    from qlora.errors import QloraError
+                    raise ConfigError(f"{flag} needs a value; write {command.old_flags[flag]}=VALUE")
+                value = rest.pop(0)
+            key = command.old_flags[flag]
+            _deprecated(f"{flag} {value}", f"{key}={value}")
+            out.append(f"{key}={value}")
+        elif command.positional and not eq and not arg.startswith("-"):
+            _deprecated(f"a bare {command.positional} ({arg})", f"{command.positional}={arg}")
+            out.append(f"{command.positional}={arg}")
+        else:
+            out.append(arg)
+    return out
 
-    parser = argparse.ArgumentParser(prog="qlora plan")
-    parser.add_argument("--device", choices=["cuda", "cpu"], default=None,
-                        help="plan for a GPU or for the CPU (default: where `qlora train` would run here)")
-    parser.add_argument("overrides", nargs="*", help="config overrides, as for qlora train")
-    options = parser.parse_intermixed_args(args)
-    try:
-        import torch
 
-        from qlora import plan as planning
+def _deprecated(old: str, new: str) -> None:
+    print(f"qlora: deprecated: {old} still works in this release only; write {new}", file=sys.stderr)
 
-        config = _validated_config(options.overrides)
-        if config.train.seq_len == "auto":  # chosen from the data's lengths, as `qlora train` chooses it
-            config = _with_seq_len(config, _tokenizer(config))
-        device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        print(planning.describe(planning.plan(config, device), config))
-    except QloraError as e:
-        return _report(e, _debug(options.overrides))
-    return 0
+
+def _split(schema: type, args: list[str]) -> tuple[list[str], list[str]]:
+    """The arguments whose key is a field of `schema`, and the others (training overrides)."""
+    import dataclasses
+
+    own_keys = {f.name for f in dataclasses.fields(schema)}
+    own = [a for a in args if a.partition("=")[0] in own_keys]
+    return own, [a for a in args if a not in own]
+
+
+def _recipes(cmd) -> None:
+    from qlora.recipes import catalog, table
+
+    print(table(catalog()))
+
+
+def _report_job(cmd) -> None:
+    from qlora.report import write_report
+
+    png, html = write_report(Path(cmd.run_dir))
+    print(f"wrote {html} and {png}")
+
+
+def _export(cmd) -> None:
+    from qlora.export import export as run_export
+
+    result = run_export(cmd)
+    print(f"exported {cmd.run_dir} to {result.output_dir}: {', '.join(result.files)}")
+
+
+def _generate(cmd) -> None:
+    from qlora.generate import generate as run_generate
+
+    run_generate(cmd)
+
+
+def _evaluate(cmd) -> None:
+    from qlora.evaluation import evaluate as run_evaluate
+
+    run_evaluate(cmd)
+
+
+def _eval_defaults(args: list[str]) -> dict | None:
+    from qlora.evaluation import command_defaults
+
+    return command_defaults(args)
+
+
+def _preview(cmd, overrides: list[str]) -> None:
+    from qlora import data
+    from qlora.data.preview import preview
+
+    config = _validated_config(overrides)
+    tokenizer = _tokenizer(config)
+    config = _with_seq_len(config, tokenizer)
+    tokenized = data.load(config.data, tokenizer, config.train.seq_len, config.seed,
+                          Path(config.cache_dir).expanduser())
+    preview(config, tokenizer, tokenized, cmd.samples)
+
+
+def _plan(cmd, overrides: list[str]) -> None:
+    import torch
+
+    from qlora import plan as planning
+
+    config = _validated_config(overrides)
+    if config.train.seq_len == "auto":  # chosen from the data's lengths, as `qlora train` chooses it
+        config = _with_seq_len(config, _tokenizer(config))
+    device = cmd.device.value if cmd.device else ("cuda" if torch.cuda.is_available() else "cpu")
+    print(planning.describe(planning.plan(config, device), config))
+
+
+def _schema(name: str) -> Callable[[], type]:
+    def load() -> type:
+        from qlora import config
+
+        return getattr(config, name)
+
+    return load
+
+
+COMMANDS = {
+    "plan": Command("qlora plan [device=cuda|cpu] [training overrides]", _schema("PlanCommand"), _plan,
+                    overrides=True, old_flags={"--device": "device"}, logs=False),
+    "export": Command("qlora export run_dir=RUN output_dir=DIR [key=value ...]", _schema("ExportCommand"), _export),
+    "generate": Command("qlora generate run_dir=RUN|model=EXPORT prompt=TEXT [key=value ...]",
+                        _schema("GenerateCommand"), _generate),
+    "eval": Command("qlora eval run_dir=RUN|model=MODEL [key=value ...]", _schema("EvalCommand"), _evaluate,
+                    defaults=_eval_defaults),
+    "data preview": Command("qlora data preview [samples=N] [training overrides]", _schema("PreviewCommand"),
+                            _preview, overrides=True, old_flags={"--samples": "samples"}, logs=False),
+    "recipes": Command("qlora recipes", _schema("RecipesCommand"), _recipes, logs=False),
+    "report": Command("qlora report run_dir=RUN", _schema("ReportCommand"), _report_job, positional="run_dir",
+                      logs=False),
+}
 
 
 def train(args: list[str]) -> int:

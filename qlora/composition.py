@@ -11,7 +11,6 @@ import dataclasses
 import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -21,38 +20,14 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
-from qlora.config import Config, QuantConfig, builds_scratch_model
-from qlora.errors import ConfigError
+from qlora.config import Config, builds_scratch_model
+from qlora.config.assets import CONFIG_DIR, RECIPE_DIR, recipe_description, recipe_paths
+from qlora.errors import ConfigError, first_line
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
+__all__ = ["CONFIG_DIR", "HYDRA_VERSION_BASE", "RECIPE_DIR", "compose_command", "compose_config", "recipe_description",
+           "recipe_paths", "register", "to_config"]
 
-
-def _asset_dir(name: str) -> Path:
-    # A wheel carries configs/ and recipes/ inside the package; a source checkout has them at the top.
-    for candidate in (_PACKAGE_DIR / name, _PACKAGE_DIR.parent / name):
-        if candidate.is_dir():
-            return candidate
-    raise FileNotFoundError(f"qlora installation is incomplete: no {name}/ folder next to {_PACKAGE_DIR}")
-
-
-CONFIG_DIR = _asset_dir("configs")
-RECIPE_DIR = _asset_dir("recipes")
 HYDRA_VERSION_BASE = "1.3"
-
-
-def recipe_paths() -> dict[str, Path]:
-    """Recipe name -> YAML file, sorted by name."""
-    return {p.stem: p for p in sorted(RECIPE_DIR.glob("*.yaml"))}
-
-
-def recipe_description(path: Path) -> str:
-    """The recipe's first comment line: what it is for."""
-    for line in path.read_text().splitlines():
-        if line.startswith("#"):
-            return line.lstrip("#").strip()
-        if line.strip():
-            break
-    return ""
 
 
 def register() -> None:
@@ -135,13 +110,12 @@ def compose_command(schema: type, args: list[str], defaults: dict | None = None)
     shell's; the schema converts numbers, booleans and choices and rejects unknown keys. `defaults` replace the
     schema's own defaults (a run's data settings, say) before the arguments are applied.
     """
+    check_keys(schema, args)
     cfg = OmegaConf.structured(schema)
     if defaults:
         cfg = OmegaConf.merge(cfg, defaults)
     for arg in args:
-        key, sep, value = arg.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"'{arg}': expected key=value (keys: {', '.join(schema_keys('', schema))})")
+        key, _, value = arg.partition("=")
         try:
             OmegaConf.update(cfg, key, None if value == "null" else value, merge=True)
         except OmegaConfBaseException as e:
@@ -152,13 +126,20 @@ def compose_command(schema: type, args: list[str], defaults: dict | None = None)
         raise ConfigError(_explain_omegaconf(e, schema)) from e
 
 
-def quant_option(name: str) -> QuantConfig:
-    """Option `name` of the quant config group (configs/quant/NAME.yaml), as `quant=NAME` selects it in training."""
-    options = sorted(p.stem for p in (CONFIG_DIR / "quant").glob("*.yaml"))
-    if name not in options:
-        raise ConfigError(f"quant={name} is not a quant option; choose one of: {', '.join(options)}")
-    node = OmegaConf.merge(OmegaConf.structured(QuantConfig), OmegaConf.load(CONFIG_DIR / "quant" / f"{name}.yaml"))
-    return OmegaConf.to_object(node)
+def check_keys(schema: type, args: list[str]) -> None:
+    """Refuse an argument that is not `key=value` with a key of `schema`, naming the keys there are."""
+    for arg in args:
+        key, sep, _ = arg.partition("=")
+        parent, _, name = key.rpartition(".")
+        if sep and name in schema_keys(parent, schema):
+            continue
+        while parent and not schema_keys(parent, schema):  # below a key that holds no keys
+            parent = parent.rpartition(".")[0]
+        allowed = schema_keys(parent, schema)
+        where = f"'{parent}'" if parent else "the top level"
+        hint = f"keys in {where}: {', '.join(allowed)}" if allowed else "this command takes no keys"
+        raise ConfigError(f"unknown config key '{key}'; {hint}" if sep and key
+                          else f"'{arg}': expected key=value ({hint})")
 
 
 def parse_overrides(overrides: list[str]) -> list:
@@ -214,13 +195,12 @@ def explain(e: Exception) -> str:
         cause = cause.__cause__
     if isinstance(cause, OmegaConfBaseException):
         return _explain_omegaconf(cause)
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return first
+    return first_line(e)
 
 
 def _explain_omegaconf(e: OmegaConfBaseException, schema: type = Config) -> str:
     key = getattr(e, "full_key", None) or ""
-    message = (getattr(e, "msg", None) or str(e)).strip().splitlines()[0]
+    message = first_line(getattr(e, "msg", None) or e)
     if message.startswith("Key '") and " not in " in message:
         parent, _, name = key.rpartition(".")
         allowed = schema_keys(parent, schema)

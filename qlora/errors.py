@@ -17,8 +17,8 @@ class ConfigError(QloraError):
         super().__init__("\n".join(f"config error: {p}" for p in self.problems))
 
 
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message, or its type's name when the message is empty: for one-line
-    reports of errors raised by libraries."""
+def first_line(e: BaseException | str) -> str:
+    """The first line of an exception's message (or of a text), or the exception type's name when the message is
+    empty: for one-line reports of errors raised by libraries. Never raises."""
     lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
+    return lines[0] if lines else (type(e).__name__ if isinstance(e, BaseException) else "")

@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from qlora import data as qdata
-from qlora.config import Config, DataConfig, EvalCommand, EvalSubset, ModelConfig, data_problems, is_data_file
+from qlora.config import Config, DataConfig, EvalCommand, EvalSubset, ModelConfig, is_data_file, validate_eval
+from qlora.config.assets import quant_option
+from qlora.config.checks import ONE_TARGET
 from qlora.device import default_device
 from qlora.errors import ConfigError, QloraError, first_line
 from qlora.files import write_text_atomic
@@ -161,34 +163,6 @@ class Report:
         return "\n".join([f"{d['path']} ({d['format']}, {d['subset']}, seq_len {d['seq_len']}):", *lines])
 
 
-ONE_TARGET = ("give exactly one of run_dir=RUN_FOLDER (a trained run) or model=MODEL (a merged export, a model "
-              "folder or a hub id)")
-
-
-def validate_eval(cmd: EvalCommand) -> None:
-    """Check the options before anything loads."""
-    problems = []
-    if (cmd.run_dir is None) == (cmd.model is None):
-        problems.append(ONE_TARGET)
-    if cmd.base and cmd.run_dir is None:
-        problems.append("base=true compares a run with its base; give run_dir= (for a base alone use model=BASE)")
-    if cmd.batch_size <= 0:
-        problems.append(f"batch_size must be > 0 (got {cmd.batch_size})")
-    if cmd.max_sequences is not None and cmd.max_sequences <= 0:
-        problems.append(f"max_sequences must be > 0 (got {cmd.max_sequences}); leave it unset to score everything")
-    if cmd.seq_len is not None and cmd.seq_len < 2:
-        problems.append(f"seq_len must be >= 2 (got {cmd.seq_len})")
-    problems += data_problems(cmd.data, generated=cmd.data.generate_demo)  # a run's demo data is regenerated
-    if Path(cmd.output).expanduser().is_dir():
-        problems.append(f"output={cmd.output} is a folder; give the path of the JSON file to write")
-    if problems:
-        raise ConfigError(problems)
-    if cmd.quant is not None:
-        from qlora.composition import quant_option
-
-        quant_option(cmd.quant)  # an unknown option is a ConfigError naming the choices
-
-
 def evaluate(cmd: EvalCommand, out=None) -> Report:
     """Score what `cmd` names on its dataset; print the table to `out` (stdout) and write the JSON to cmd.output."""
     validate_eval(cmd)
@@ -235,7 +209,6 @@ class _RunTarget:
         from transformers import AutoTokenizer
 
         from qlora import demo, hub
-        from qlora.composition import quant_option
         from qlora.model import check_model_config
         from qlora.runfolder import read_trained
 
@@ -279,7 +252,6 @@ class _ModelTarget:
         from transformers import AutoConfig
 
         from qlora import hub
-        from qlora.composition import quant_option
         from qlora.model import load_tokenizer
 
         self.model = self.name = cmd.model

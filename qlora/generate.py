@@ -11,25 +11,11 @@ from pathlib import Path
 import torch
 from transformers import TextStreamer
 
-from qlora.config import GenerateCommand
+from qlora.config import GenerateCommand, validate_generate
 from qlora.device import default_device
-from qlora.errors import ConfigError, QloraError, first_line
+from qlora.errors import QloraError, first_line
 
 log = logging.getLogger(__name__)
-
-
-def validate_generate(cmd: GenerateCommand) -> None:
-    problems = []
-    if (cmd.run_dir is None) == (cmd.model is None):
-        problems.append("give exactly one of run_dir=RUN_FOLDER (a trained run) or model=EXPORT (a merged export)")
-    if not cmd.temperature >= 0:
-        problems.append(f"temperature must be >= 0 (got {cmd.temperature}); 0 decodes greedily")
-    if not 0 < cmd.top_p <= 1:
-        problems.append(f"top_p must be in (0, 1] (got {cmd.top_p})")
-    if cmd.max_new_tokens <= 0:
-        problems.append(f"max_new_tokens must be > 0 (got {cmd.max_new_tokens})")
-    if problems:
-        raise ConfigError(problems)
 
 
 def generate(cmd: GenerateCommand, out=None) -> str:

@@ -1,17 +1,15 @@
 """Run metrics: one JSON object per row in metrics.jsonl, mirrored to the loggers train.loggers names.
 
 Each logger is a `Backend`: TensorBoard (output_dir/tb), Weights & Biases, MLflow. Their packages are imported
-only when a run uses them; `logger_problems` says, before any work, which selected one is not installed.
+only when a run uses them; whether they are installed is checked with the config (qlora.config.checks).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import math
 import time
-from collections.abc import Iterable
 from enum import Enum
 from pathlib import Path
 from typing import Protocol
@@ -32,23 +30,12 @@ def perplexity(mean_loss: float) -> float:
     return math.exp(mean_loss) if mean_loss < 700 else math.inf
 
 
-# The module each logger imports, and how a user gets it.
-_PACKAGES = {Logger.tensorboard: "tensorboard", Logger.wandb: "wandb", Logger.mlflow: "mlflow"}
-_INSTALL = {Logger.tensorboard: "pip install tensorboard", Logger.wandb: "pip install 'qlora[wandb]'",
-            Logger.mlflow: "pip install 'qlora[mlflow]'"}
 _SETUP = {Logger.tensorboard: "check that output_dir is writable",
           Logger.wandb: "run `wandb login`, or set WANDB_MODE=offline to log locally",
           Logger.mlflow: "check MLFLOW_TRACKING_URI (a tracking server, or a local store the installed mlflow "
                          "supports)"}
 # The TensorBoard HPARAMS tab shows these scalar tags (their last values) next to each run's hyperparameters.
 _HPARAM_METRICS = ("loss", "eval_loss")
-
-
-def logger_problems(loggers: Iterable[Logger]) -> list[str]:
-    """One line per selected logger whose package is not installed, naming the fix; [] when all are there."""
-    return [f"train.loggers includes {logger.value}, but {_PACKAGES[logger]} is not installed: "
-            f"{_INSTALL[logger]} (or drop it from train.loggers)"
-            for logger in dict.fromkeys(loggers) if importlib.util.find_spec(_PACKAGES[logger]) is None]
 
 
 class Backend(Protocol):

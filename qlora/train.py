@@ -27,12 +27,12 @@ from qlora.attention import check_packed_attention, use_per_sample_sdpa
 from qlora.checkpoint import TrainState
 from qlora.composition import recipe_description, recipe_paths
 from qlora.config import Config, DistStrategy, OnNonFinite, OptimConfig, TrainConfig, validate
-from qlora.errors import ConfigError, QloraError
+from qlora.errors import QloraError
 from qlora.evaluation import score, scored_tokens
 from qlora.generate import greedy_answers
 from qlora.lora import attach_lora
 from qlora.loss import CausalLMLoss, loss_inputs
-from qlora.metrics import MetricsLog, NoMetrics, logger_problems, perplexity
+from qlora.metrics import MetricsLog, NoMetrics, perplexity
 from qlora.model import (
     autocast_dtype,
     check_model_config,
@@ -109,8 +109,6 @@ def run(config: Config, recipe: str | None = None) -> RunResult:
     was never interrupted (bit for bit on CPU).
     """
     validate(config)
-    if problems := logger_problems(config.train.loggers):
-        raise ConfigError(problems)
     accelerator = distributed.make_accelerator(config.dist, mixed_precision(config.train.mixed_precision))
     config = distributed.same_output_dir(config, accelerator)
     runfolder.check_output_dir(config)

@@ -1,4 +1,4 @@
-"""Write docs/config.md from the config schema (qlora/config.py): every key, its type, default and meaning.
+"""Write docs/config.md from the config schema (qlora/config/): every key, its type, default and meaning.
 
     python scripts/config_reference.py          # rewrite docs/config.md
     python scripts/config_reference.py --check  # exit 1 if docs/config.md is stale (the tests run this)
@@ -6,91 +6,66 @@
 
 from __future__ import annotations
 
-import ast
-import dataclasses
 import sys
-import typing
 from enum import Enum
 from pathlib import Path
 
 from qlora import config as schema
+from qlora.config import commands
+from qlora.config import schema as training
+from qlora.config.assets import group_options
+from qlora.config.fields import fields, show
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = ROOT / "docs" / "config.md"
 
-
-def field_docs(source: str) -> dict[tuple[str, str], str]:
-    """(class name, field name) -> the docstring written under the field."""
-    docs = {}
-    for cls in ast.parse(source).body:
-        if not isinstance(cls, ast.ClassDef):
-            continue
-        for stmt, nxt in zip(cls.body, cls.body[1:] + [None], strict=True):
-            if (isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr)
-                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
-                docs[(cls.name, stmt.target.id)] = " ".join(nxt.value.value.split())
-    return docs
+SECTIONED = (schema.Config, schema.ExportCommand, schema.EvalCommand)
+"""Schemas whose group fields are documented in sections of their own."""
 
 
-def show(value) -> str:
-    if isinstance(value, Enum):
-        return value.value
-    if value is None:
-        return "null"
-    if value == "???":
-        return "(required)"
-    return str(value).replace("'", "")
-
-
-def rows(cls, prefix: str, docs, annotations) -> list[str]:
+def rows(cls, prefix: str = "") -> list[str]:
     out = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        key = f"{prefix}{f.name}"
-        nested = next((a for a in (hints[f.name], *typing.get_args(hints[f.name])) if dataclasses.is_dataclass(a)),
-                      None)
-        if nested is not None and cls in (schema.Config, schema.ExportCommand, schema.EvalCommand):
-            continue  # a config group: documented in its own section
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        text = docs.get((cls.__name__, f.name), "")
-        if nested is not None:
-            text += f" Fields: `{key}.*` below."
-        kind = annotations[cls.__name__][f.name].replace("|", "\\|")
-        out.append(f"| `{key}` | `{kind}` | `{show(default)}` | {text} |")
-        if nested is not None:
-            out += rows(nested, f"{key}.", docs, annotations)
+    for f in fields(cls, prefix, nested=False):
+        if f.group is not None and cls in SECTIONED:
+            continue
+        text = f.doc + (f" Fields: `{f.key}.*` below." if f.group is not None else "")
+        kind = f.annotation.replace("|", "\\|")
+        out.append(f"| `{f.key}` | `{kind}` | `{show(f.default)}` | {text.strip()} |")
+        if f.group is not None:
+            out += rows(f.group, f"{f.key}.")
     return out
 
 
 def render() -> str:
-    source = Path(schema.__file__).read_text()
-    docs = field_docs(source)
-    annotations = {c.name: {s.target.id: ast.unparse(s.annotation) for s in c.body if isinstance(s, ast.AnnAssign)}
-                   for c in ast.parse(source).body if isinstance(c, ast.ClassDef)}
-    enums = {c.__name__: [m.value for m in c] for c in vars(schema).values()
-             if isinstance(c, type) and issubclass(c, Enum) and c.__module__ == schema.__name__}
+    enums = {c.__name__: [m.value for m in c] for module in (training, commands) for c in vars(module).values()
+             if isinstance(c, type) and issubclass(c, Enum) and c.__module__ == module.__name__}
     lines = ["# Config reference", "",
-             "Generated from `qlora/config.py` by `python scripts/config_reference.py`; do not edit by hand.",
+             "Generated from the schema in `qlora/config/` by `python scripts/config_reference.py`; do not edit by "
+             "hand.",
              "Schema defaults are shown; group options in `configs/GROUP/` and recipes in `recipes/` change some",
-             "of them (`qlora train --cfg job recipe=NAME` prints what a run will use).", "",
+             "of them (`qlora train --cfg job recipe=NAME` prints what a run will use). `qlora COMMAND --help`",
+             "prints the same keys for one command.", "",
              "Closed choices: " + "; ".join(f"`{k}`: {', '.join(v)}" for k, v in enums.items()) + ".", ""]
     header = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
-    lines += ["## Top level", "", *header, *rows(schema.Config, "", docs, annotations), ""]
+    lines += ["## Top level", "", *header, *rows(schema.Config), ""]
     for group, cls in [("model", schema.ModelConfig), ("quant", schema.QuantConfig), ("lora", schema.LoraConfig),
                        ("data", schema.DataConfig), ("optim", schema.OptimConfig), ("train", schema.TrainConfig),
                        ("dist", schema.DistConfig)]:
-        options = sorted(p.stem for p in (ROOT / "configs" / group).glob("*.yaml"))
-        lines += [f"## `{group}` (options: {', '.join(options)})", "", *header, *rows(cls, f"{group}.", docs,
-                                                                                       annotations), ""]
+        lines += [f"## `{group}` (options: {', '.join(group_options(group))})", "", *header,
+                  *rows(cls, f"{group}."), ""]
     lines += ["## `qlora export`", "",
               "`qlora export run_dir=RUN output_dir=DIR [KEY=VALUE ...]` (see docs/export.md).", "", *header,
-              *rows(schema.ExportCommand, "", docs, annotations),
-              *rows(schema.ExportConfig, "export.", docs, annotations), "",
+              *rows(schema.ExportCommand), *rows(schema.ExportConfig, "export."), "",
               "## `qlora generate`", "", "`qlora generate run_dir=RUN|model=EXPORT prompt=TEXT [KEY=VALUE ...]`.", "",
-              *header, *rows(schema.GenerateCommand, "", docs, annotations), "",
+              *header, *rows(schema.GenerateCommand), "",
               "## `qlora eval`", "", "`qlora eval run_dir=RUN|model=MODEL [data.KEY=VALUE ...] [KEY=VALUE ...]` "
               "(see docs/fidelity.md). `data.*` takes the keys of the `data` group above; with run_dir they start "
-              "as the run's.", "", *header, *rows(schema.EvalCommand, "", docs, annotations), ""]
+              "as the run's.", "", *header, *rows(schema.EvalCommand), "",
+              "## `qlora plan`", "", "`qlora plan [device=cuda|cpu] [training overrides]` (see docs/plan.md).", "",
+              *header, *rows(schema.PlanCommand), "",
+              "## `qlora data preview`", "", "`qlora data preview [samples=N] [training overrides]`.", "",
+              *header, *rows(schema.PreviewCommand), "",
+              "## `qlora report`", "", "`qlora report run_dir=RUN`.", "", *header, *rows(schema.ReportCommand), ""]
     return "\n".join(lines)
 
 

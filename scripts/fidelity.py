@@ -38,8 +38,9 @@ from pathlib import Path
 import torch
 
 from qlora import data as qdata
-from qlora.composition import compose_config, quant_option
+from qlora.composition import compose_config
 from qlora.config import DataConfig, DataFormat, ModelConfig, ScratchModelConfig, ScratchTokenizer
+from qlora.config.assets import quant_option
 from qlora.demo import ensure_scratch_model
 from qlora.evaluation import batches, score
 from qlora.export.merge import dequantized_weight

@@ -3,9 +3,10 @@
     python scripts/kill_trials.py --trials 10 [--seed 1] [--steps 24]
 
 Each trial draws a plan of 2 to 5 stops (kill -9 after a logged step, SIGINT, SIGTERM, and a kill -9 aimed at
-a checkpoint being written), runs it with `resume=auto` after every stop, and compares the per-step metrics and
-the final adapter, samples and summary with the reference bytes. Prints one line per trial and a total; exits 1
-if any trial differed. The figures go into docs/reliability.md.
+a checkpoint being written), runs it with `resume=auto` after every stop, and compares it with the uninterrupted
+run as the resume tests do (tests/runs.py's run_differences: metrics and summary without wall-clock keys, adapter
+and samples byte for byte). Prints one line per trial (with what differed, if anything) and a total; exits 1 if
+any trial differed. The figures go into docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import TINY  # noqa: E402
-from tests.killing import comparable_metrics, interrupted_run  # noqa: E402
+from tests.runs import TINY, interrupted_run, run_differences  # noqa: E402
 
 
 def main() -> int:
@@ -56,15 +56,14 @@ def main() -> int:
         out = work / f"trial-{trial}"
         try:
             report = interrupted_run(settings, out, plan, cwd=work)
-            same = comparable_metrics(out) == comparable_metrics(reference) and all(
-                (out / name).read_bytes() == (reference / name).read_bytes()
-                for name in ("adapter/adapter_model.safetensors", "summary.json", "samples.json"))
-        except AssertionError as e:
-            report, same = [str(e)], False
+            differences = run_differences(reference, out)
+        except AssertionError as e:  # a segment did not end as planned
+            report, differences = [], [str(e)]
+        same = not differences
         stops += sum(1 for line in report if "exit" in line and not line.startswith("end"))
         caught_writes += sum(1 for line in report if line.startswith("write") and "missed" not in line)
         failures += not same
-        print(f"trial {trial}: {'same' if same else 'DIFFERENT'}; " + "; ".join(report), flush=True)
+        print(f"trial {trial}: {'same' if same else 'DIFFERENT'}; " + "; ".join(report + differences), flush=True)
         shutil.rmtree(out, ignore_errors=True)
     print(f"{options.trials} trials, {stops} stops ({caught_writes} during a checkpoint write), {failures} differing "
           f"from the uninterrupted run; {time.perf_counter() - started:.0f}s")

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from qlora.composition import (
-    CONFIG_DIR,
     compose_config,
     expand_sweeps,
     parse_overrides,
@@ -17,14 +16,15 @@ from qlora.composition import (
     recipe_paths,
 )
 from qlora.config import ArchitectureConfig, Config, OptimizerName, QuantMethod, builds_scratch_model, validate
+from qlora.config.assets import group_options
 from qlora.errors import ConfigError
-from tests.conftest import qlora_cli
+from tests.runs import qlora_cli
 
 GROUPS = ["model", "quant", "lora", "data", "optim", "train", "dist"]
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+    return group_options(group)
 
 
 def _stand_in(tmp_path: Path, name: str = "data.json") -> Path:
@@ -125,6 +125,54 @@ def test_validation_reports_every_problem_at_once(tmp_path):
     for key in ("lora.r", "optim.lr", "train.seq_len", "quant.double_quant"):
         assert key in text
     assert "train.gradient_checkpointing must be auto, true or false (got sometimes)" in text
+
+
+def test_loggers_and_chat_templates_are_checked_in_the_same_round(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # what `import wandb` finds when it is not installed
+    config = compose_config(["lora.r=0", "train.loggers=[wandb]", "data.chat_template=nonsense",
+                             f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError) as e:
+        validate(config)
+    assert [p.split(" ")[0] for p in e.value.problems] == ["lora.r", "data.chat_template=nonsense", "train.loggers"]
+
+
+def test_command_checks_report_every_problem_at_once(tmp_path):
+    from qlora.composition import compose_command
+    from qlora.config import (
+        EvalCommand,
+        ExportCommand,
+        GenerateCommand,
+        validate_eval,
+        validate_export,
+        validate_generate,
+    )
+
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+    export = compose_command(ExportCommand, [f"run_dir={tmp_path}/run", f"output_dir={tmp_path}/taken",
+                                             "export.dtype=auto", "export.max_shard_size=big"])
+    generate = compose_command(GenerateCommand, ["prompt=hi", "temperature=-1", "top_p=0"])
+    evaluate = compose_command(EvalCommand, ["model=m", "base=true", "quant=nf3", "batch_size=0",
+                                             f"data.path={tmp_path}/d.json", "data.chat_template=nonsense"])
+    problems = {}
+    for check, cmd in [(validate_export, export), (validate_generate, generate), (validate_eval, evaluate)]:
+        with pytest.raises(ConfigError) as e:
+            check(cmd)
+        problems[check.__name__] = [p.split(" ")[0] for p in e.value.problems]
+    assert problems == {
+        "validate_export": ["export.dtype", "export.max_shard_size='big'", "output_dir"],
+        "validate_generate": ["give", "temperature", "top_p"],
+        "validate_eval": ["base=true", "batch_size", "quant=nf3", "data.chat_template=nonsense", "data.path:"],
+    }
+
+
+def test_the_built_in_chat_templates_are_the_ones_the_config_names():
+    from qlora.config import CHAT_TEMPLATE_NAMES
+    from qlora.data.formats import CHAT_TEMPLATES
+
+    assert tuple(CHAT_TEMPLATES) == CHAT_TEMPLATE_NAMES
 
 
 @pytest.mark.parametrize("value,expected", [("auto", "auto"), ("true", True), ("false", False)])

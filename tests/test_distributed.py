@@ -23,7 +23,7 @@ from qlora.errors import ConfigError, QloraError
 from qlora.metrics import read_metrics
 from qlora.resume import check_processes
 from qlora.train import run
-from tests.conftest import REPO, TINY
+from tests.runs import REPO, TINY
 
 STEPS = 8
 COMMON = [*TINY, "lora.dropout=0", f"train.max_steps={STEPS}", "train.log_every_steps=1", "train.eval_every_steps=4",

@@ -19,14 +19,14 @@ from qlora.evaluation import command_defaults, evaluate
 from qlora.export import export
 from qlora.runfolder import read_trained
 from qlora.train import run
-from tests.conftest import qlora_cli
+from tests.runs import qlora_cli
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A finished 30-step run of the default recipe on the tiny model, its eval split scored whole at the end."""
     from qlora.composition import compose_config
-    from tests.conftest import TINY
+    from tests.runs import TINY
 
     root = tmp_path_factory.mktemp("eval")
     cache = root / "cache"

@@ -16,9 +16,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from wandb.proto import wandb_internal_pb2
 
-from qlora.config import Config, Logger
+from qlora.config import Config, Logger, logger_problems
 from qlora.errors import ConfigError, QloraError
-from qlora.metrics import LOGGER_IDS, MetricsLog, flatten, logger_problems, read_metrics
+from qlora.metrics import LOGGER_IDS, MetricsLog, flatten, read_metrics
 from qlora.train import run
 
 HYPERPARAMETERS = asdict(Config())  # enums and nested groups, as train.py passes them

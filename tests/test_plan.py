@@ -27,7 +27,7 @@ from qlora.plan import (
     measured_state_bytes,
     plan,
 )
-from tests.conftest import REPO, qlora_cli
+from tests.runs import REPO, qlora_cli
 
 CPU = torch.device("cpu")
 

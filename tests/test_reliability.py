@@ -20,8 +20,7 @@ from qlora import checkpoint
 from qlora.composition import compose_config
 from qlora.errors import QloraError
 from qlora.train import run
-from tests.conftest import TINY, qlora_cli
-from tests.killing import comparable_metrics, comparable_summary, interrupted_run
+from tests.runs import TINY, interrupted_run, qlora_cli, run_differences
 
 STEPS = 24
 # 162 training sequences in batches of 8, two per step: 10 steps an epoch, so runs cross epoch boundaries.
@@ -49,13 +48,6 @@ def reference(cache, tmp_path_factory) -> Path:
     return out
 
 
-def assert_same_run(a: Path, b: Path) -> None:
-    assert comparable_metrics(a) == comparable_metrics(b)
-    assert comparable_summary(a) == comparable_summary(b)
-    for name in ("adapter/adapter_model.safetensors", "samples.json"):
-        assert (a / name).read_bytes() == (b / name).read_bytes(), name
-
-
 def test_stopped_and_resumed_runs_equal_the_uninterrupted_one_bit_for_bit(reference, cache, tmp_path):
     seed = int(os.environ.get("QLORA_KILL_SEED", random.SystemRandom().randrange(10**6)))
     rng = random.Random(seed)
@@ -65,7 +57,7 @@ def test_stopped_and_resumed_runs_equal_the_uninterrupted_one_bit_for_bit(refere
         plan.append((how, step))
     report = interrupted_run(settings(cache), tmp_path / "run", plan, cwd=tmp_path)
     try:
-        assert_same_run(reference, tmp_path / "run")
+        assert run_differences(reference, tmp_path / "run") == []
     except AssertionError as e:
         raise AssertionError(f"QLORA_KILL_SEED={seed}: {report}") from e
     assert not list((tmp_path / "run" / "checkpoints").glob(".*")), "a temporary checkpoint folder was left"
@@ -76,7 +68,7 @@ def test_resume_into_a_new_folder_from_an_older_checkpoint(reference, cache, tmp
     assert checkpoint.step_of(older) < STEPS
     config = compose_config([*settings(cache), f"output_dir={tmp_path / 'fork'}", f"resume={older}"])
     run(config)
-    assert_same_run(reference, tmp_path / "fork")
+    assert run_differences(reference, tmp_path / "fork") == []
 
 
 def test_resume_auto_skips_a_damaged_newest_checkpoint(reference, cache, tmp_path):
@@ -87,7 +79,7 @@ def test_resume_auto_skips_a_damaged_newest_checkpoint(reference, cache, tmp_pat
     older, newest = checkpoint.complete_checkpoints(crashed)
     (newest / "optimizer.pt").write_bytes((newest / "optimizer.pt").read_bytes()[:100])
     run(compose_config([*settings(cache), f"output_dir={crashed}", "resume=auto"]))
-    assert_same_run(reference, crashed)
+    assert run_differences(reference, crashed) == []
 
 
 def test_checkpoints_load_no_pickled_code(reference, tmp_path):

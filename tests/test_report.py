@@ -17,7 +17,7 @@ from qlora.errors import QloraError
 from qlora.metrics import read_metrics
 from qlora.report import HEIGHT_PX, WIDTH_PX, write_report
 from qlora.train import run
-from tests.conftest import TINY
+from tests.runs import TINY
 
 METRICS_SCRIPT = re.compile(r'<script type="application/json" id="metrics">(.*?)</script>', re.S)
 

@@ -1,6 +1,6 @@
 """A real pretrained model by default: SmolLM2-135M-Instruct (built from ../shared) fine-tuned on the shared Alpaca
 sample gets real-model settings, learns on held-out data, and its adapter works in plain peft and `qlora generate`.
-(Its exports are tests/test_export_smollm2.py's.)"""
+(Its exports are tests/export/test_export_smollm2.py's.)"""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from qlora.config import GenerateCommand
 from qlora.generate import generate
 from qlora.model import load_trained_model
 from qlora.runfolder import read_trained
-from tests.conftest import ALPACA_5000, qlora_cli
+from tests.runs import ALPACA_5000, qlora_cli
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +77,7 @@ def test_the_memory_plan_holds_for_a_real_run_of_the_qlora_command(smollm2, tmp_
     0.957 at 4 x 256, docs/plan.md; before the plan priced malloc's heap, 8 x 384 measured 1.58)."""
     import importlib.util
 
-    from tests.conftest import REPO
+    from tests.runs import REPO
 
     spec = importlib.util.spec_from_file_location("plan_vs_run", REPO / "scripts" / "plan_vs_run.py")
     script = importlib.util.module_from_spec(spec)

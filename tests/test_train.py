@@ -14,7 +14,7 @@ from qlora.composition import compose_config
 from qlora.metrics import read_metrics
 from qlora.model import load_base_model, load_tokenizer
 from qlora.train import run
-from tests.conftest import TINY, qlora_cli
+from tests.runs import TINY, qlora_cli
 
 STEPS = 40
 

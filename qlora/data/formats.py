@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 
-from qlora.config import ColumnsConfig, DataConfig, DataFormat, RolesConfig
+from qlora.config import CHAT_TEMPLATE_NAMES, ColumnsConfig, DataConfig, DataFormat, RolesConfig
 from qlora.errors import QloraError
 
 Segment = tuple[str, bool]
@@ -29,7 +29,8 @@ ALPACA_PROMPT_WITH_INPUT = (
     "\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
 
-# Built-in chat templates for tokenizers that ship none (data.chat_template=NAME).
+# The text of the built-in chat templates (data.chat_template=NAME; the names are the config's), for tokenizers
+# that ship none.
 CHAT_TEMPLATES = {
     # ChatML (OpenAI, Qwen): <|im_start|>role\ncontent<|im_end|>\n
     "chatml": (
@@ -81,14 +82,9 @@ def resolve_chat_template(cfg: DataConfig, tokenizer) -> str | None:
     if choice is None:
         if not isinstance(tokenizer.chat_template, str) or not tokenizer.chat_template:
             raise QloraError(f"the tokenizer {tokenizer.name_or_path or ''} has no chat template; set "
-                              f"data.chat_template to one of {', '.join(CHAT_TEMPLATES)} or to a Jinja template")
+                              f"data.chat_template to one of {', '.join(CHAT_TEMPLATE_NAMES)} or to a Jinja template")
         return tokenizer.chat_template
-    if choice in CHAT_TEMPLATES:
-        return CHAT_TEMPLATES[choice]
-    if "{{" in choice or "{%" in choice:
-        return choice
-    raise QloraError(f"data.chat_template={choice} is neither a built-in template ({', '.join(CHAT_TEMPLATES)}) "
-                      "nor a Jinja template")
+    return CHAT_TEMPLATES.get(choice, choice)  # a built-in template's name, or (as validated) a Jinja template
 
 
 def render(record: dict, cfg: DataConfig, tokenizer, template: str | None) -> list[Segment]:

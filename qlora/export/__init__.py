@@ -31,7 +31,16 @@ from pathlib import Path
 import torch
 
 from qlora import hub
-from qlora.config import DType, ExportCommand, ExportConfig, ExportFormat, GGUFType, MergeMode
+from qlora.config import (
+    DType,
+    ExportCommand,
+    ExportConfig,
+    ExportFormat,
+    GGUFType,
+    MergeMode,
+    size_bytes,
+    validate_export,
+)
 from qlora.device import default_device
 from qlora.errors import QloraError, first_line
 from qlora.export.verify import Comparison, Probe, as_merged, compare, logits_of, probe
@@ -186,38 +195,6 @@ def _rounded_logits(model, dtype: torch.dtype, sample: Probe,
         return reference, reference if autocast is None else logits_of(model, sample, autocast)
 
 
-def validate_export(cmd: ExportCommand) -> None:
-    """Check the options and output_dir before anything loads."""
-    from qlora.errors import ConfigError
-
-    problems = []
-    options = cmd.export
-    if options.dtype == DType.auto:
-        problems.append("export.dtype must be bfloat16, float16 or float32 (got auto)")
-    if options.probe_samples <= 0 or options.probe_seq_len < 2:
-        problems.append("export.probe_samples must be > 0 and export.probe_seq_len >= 2")
-    if not options.max_kl > 0:
-        problems.append(f"export.max_kl must be > 0 (got {options.max_kl})")
-    if options.format != ExportFormat.gguf and options.gguf_type != GGUFType.auto:
-        problems.append(f"export.gguf_type applies to export.format=gguf (got format={options.format.value})")
-    if options.format == ExportFormat.adapter and options.merge == MergeMode.original:
-        problems.append("export.merge applies to merged exports; export.format=adapter writes the adapter unmerged")
-    if problems:
-        raise ConfigError(problems)
-    from qlora.export.merge import parse_size
-
-    parse_size(options.max_shard_size)
-    out = Path(cmd.output_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise QloraError(f"output_dir {out} is a file; give a folder path")
-    if out.is_dir() and any(out.iterdir()) and not cmd.overwrite:
-        raise QloraError(f"output_dir {out} already holds files; choose another output_dir or pass overwrite=true "
-                         "(the old export is replaced only once the new one is verified)")
-    run = Path(cmd.run_dir).expanduser().resolve()
-    if out.resolve() == run or run.is_relative_to(out.resolve()):
-        raise QloraError(f"output_dir {out} would replace the run itself; choose a folder outside {cmd.run_dir}")
-
-
 def export_tokenizer(run: TrainedRun):
     """The run's tokenizer, with a chat template that prompts the model as it was trained (Alpaca runs get an
     Alpaca template), so plain `apply_chat_template` and GGUF runtimes format prompts right."""
@@ -237,13 +214,13 @@ def _write_merged(trained, run: TrainedRun, tokenizer, options: ExportConfig, fo
     """config.json, generation_config.json, tokenizer and the merged weights, written into `folder`."""
     from transformers import AutoConfig
 
-    from qlora.export.merge import OriginalWeights, merged_tensors, parse_size, write_safetensors
+    from qlora.export.merge import OriginalWeights, merged_tensors, write_safetensors
 
     dtype = TORCH_DTYPES[options.dtype]
     original = OriginalWeights(run.config.model) if options.merge == MergeMode.original else None
     t0 = time.perf_counter()
     entries = merged_tensors(trained, options.merge, dtype, original)
-    total = write_safetensors(entries, folder, parse_size(options.max_shard_size), dtype)
+    total = write_safetensors(entries, folder, size_bytes(options.max_shard_size), dtype)
     log.info("merged %d tensors (%.1f MiB, %s) in %.1fs", len(entries), total / 2**20, options.dtype.value,
              time.perf_counter() - t0)
     model_config = AutoConfig.from_pretrained(run.config.model.name_or_path, revision=run.config.model.revision,

@@ -10,7 +10,6 @@ shard by shard, so the merge holds the quantized model plus one shard in memory,
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,14 +246,3 @@ def _numel(shape: tuple[int, ...]) -> int:
         n *= d
     return n
 
-
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(text: str) -> int:
-    """Bytes in a size such as '5GB', '500MB' or '2GiB' (decimal units as transformers uses, or binary)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, flags=re.IGNORECASE)
-    if not match or float(match.group(1)) <= 0:
-        raise QloraError(f"export.max_shard_size={text!r} is not a size; write it like 5GB, 500MB or 2GiB")
-    return int(float(match.group(1)) * _UNITS[(match.group(2) or "").upper()])

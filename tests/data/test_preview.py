@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 
-from tests.conftest import TINY, qlora_cli
+from tests.runs import TINY, qlora_cli
 
 
 def preview(tmp_path, *overrides, env=None):
@@ -15,7 +15,7 @@ def preview(tmp_path, *overrides, env=None):
 
 
 def test_preview_marks_trained_tokens_and_reports_lengths_counts_and_padding(tmp_path):
-    result = preview(tmp_path, "--samples", "2", "train.seq_len=96")
+    result = preview(tmp_path, "samples=2", "train.seq_len=96")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert out.count("--- sample ") == 2

@@ -22,7 +22,7 @@ from qlora.generate import generate
 from qlora.model import load_trained_model
 from qlora.runfolder import read_trained
 from qlora.train import run
-from tests.conftest import TINY, qlora_cli
+from tests.runs import TINY, qlora_cli
 
 PROMPT = "What sound does a cow make?"
 SETUPS = {
@@ -225,7 +225,7 @@ def test_failed_verification_keeps_the_export_as_unverified_and_the_old_one_inta
     assert {p.name: p.read_bytes() for p in good.iterdir()} == before
     unverified = good.with_name("kept.unverified")
     saved = json.loads((unverified / "verification.json").read_text())
-    # the adapter x0.9 (every dtype, on the real model: tests/test_export_smollm2.py): measured KL 1.1e-4 and
+    # the adapter x0.9 (every dtype, on the real model: tests/export/test_export_smollm2.py): measured KL 1.1e-4 and
     # 2.5e-4 on the two tiny runs, where bf16 storage alone costs 1.3e-7 and 1.9e-7 and a right merge 0
     assert saved["passed"] is False and saved["checks"]["merged_vs_rounded_trained"]["mean_kl"] > 1e-6
     assert not list(root.glob(".kept*"))

@@ -283,9 +283,9 @@ def test_csv_and_parquet_give_the_same_samples_as_json(tmp_path, bpe, suffix):
 
 
 def test_reads_the_shared_alpaca_sample(bpe):
-    from pathlib import Path
+    from tests.runs import ALPACA_5000
 
-    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_5000.json"
+    path = ALPACA_5000
     if not path.is_file():
         pytest.skip("../shared/data/alpaca_5000.json is not beside this checkout")
     source = qdata.read_source(str(path), "train")

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from qlora.demo import demo_records
-from tests.conftest import REPO
+from tests.runs import REPO
 
 SHARED = REPO.parent / "shared" / "data" / "alpaca_5000.json"
 

@@ -21,7 +21,7 @@ from qlora.composition import compose_command
 from qlora.config import ExportCommand
 from qlora.errors import QloraError
 from qlora.export import export
-from tests.conftest import REPO
+from tests.runs import REPO
 
 pytestmark = pytest.mark.slow
 
@@ -121,7 +121,7 @@ def test_a_wrong_merge_fails_in_every_dtype(exports, wrong, dtype, least):
     assert not v["passed"] and check["mean_kl"] > least > 10 * MAX_KL, check
 
 
-@pytest.mark.parametrize("tensor_type, kl, top1", [("q8_0", 5e-3, 0.93)])  # f16: tests/test_gguf.py
+@pytest.mark.parametrize("tensor_type, kl, top1", [("q8_0", 5e-3, 0.93)])  # f16: tests/export/test_gguf.py
 def test_gguf_export_passes_and_reads_back(exports, smollm2, tensor_type, kl, top1):
     """Read back, the file is the bf16 export rounded as the file stores it (f16 matrices: bf16 values exactly);
     against the trained model, q8_0 costs mean KL 2.1e-3, top-1 95.6% (measured), f16 what bf16 did."""

@@ -1,10 +1,10 @@
-"""Stop `qlora train` subprocesses at chosen moments and resume them: the harness behind the resume tests and
-scripts/kill_trials.py.
+"""How the tests and scripts/ start, stop and compare qlora runs: where the shared files are, the tiny model's
+overrides, `python -m qlora` as a user runs it, and the harness behind the resume tests and scripts/kill_trials.py.
 
-A plan is a list of (how, step): `kill` sends SIGKILL once the run has logged that step, `write` sends SIGKILL
-while a checkpoint is being written (the first write from that step on that polling catches; a write can be
-too quick to catch, so `write` belongs last in a plan), `int` / `term` send SIGINT / SIGTERM (the run
-checkpoints and exits). Each stop is followed by `resume=auto`; the last segment runs to the end.
+Stopping runs: a plan is a list of (how, step): `kill` sends SIGKILL once the run has logged that step, `write`
+sends SIGKILL while a checkpoint is being written (the first write from that step on that polling catches; a
+write can be too quick to catch, so `write` belongs last in a plan), `int` / `term` send SIGINT / SIGTERM (the
+run checkpoints and exits). Each stop is followed by `resume=auto`; the last segment runs to the end.
 """
 
 from __future__ import annotations
@@ -16,6 +16,41 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+"""What every developer and CI has beside the checkout: the real model's builder and real data."""
+ALPACA_5000 = SHARED / "data" / "alpaca_5000.json"
+
+# A 2-layer, width-128 Llama: big enough for every code path, small enough for seconds per run.
+TINY = [
+    "model.scratch.hidden_size=128",
+    "model.scratch.intermediate_size=256",
+    "model.scratch.num_hidden_layers=2",
+    "model.scratch.num_attention_heads=4",
+    "model.scratch.num_key_value_heads=2",
+    "optim.min_8bit_size=256",
+    "train.loggers=[]",
+    "train.progress=false",
+]
+
+# A short SmolLM2 fine-tune on the Alpaca sample: every value that matters given, so no recipe's defaults change it.
+SMOLLM2_RUN = [
+    "data.format=alpaca", f"data.path={ALPACA_5000}", "data.on_invalid=skip", "data.eval_fraction=0.02",
+    "train.seq_len=128", "train.micro_batch_size=4", "train.grad_accum_steps=1", "train.max_steps=8",
+    "train.eval_every_steps=8", "train.eval_max_sequences=16", "train.save_every_steps=0",
+    "train.sample_prompts=[Give three tips for staying healthy.]", "train.max_new_tokens=16",
+    "optim.lr=1e-3", "optim.warmup_steps=0", "optim.min_8bit_size=4096",
+    "lora.r=16", "lora.alpha=32", "lora.dropout=0.0", "data.group_by_length=true",
+    "train.loggers=[]", "train.progress=false", "train.report=false",
+]
+
+
+def qlora_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m qlora ARGS` as a user would."""
+    return subprocess.run([sys.executable, "-m", "qlora", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)
+
 
 SIGNALS = {"kill": signal.SIGKILL, "write": signal.SIGKILL, "int": signal.SIGINT, "term": signal.SIGTERM}
 EXPECTED_EXIT = {"kill": -signal.SIGKILL, "write": -signal.SIGKILL, "int": 128 + signal.SIGINT,
@@ -103,3 +138,29 @@ def comparable_metrics(run_dir: Path) -> list[dict]:
     """metrics.jsonl without the wall-clock columns, which no two runs share."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in row.items() if k not in WALL_CLOCK} for row in rows]
+
+
+
+SAME_BYTES = ("adapter/adapter_model.safetensors", "samples.json")
+"""Run files that two runs of one config hold byte for byte."""
+
+
+def run_differences(a: Path, b: Path) -> list[str]:
+    """What differs between two run folders of one config, [] when they are the same run: the metrics rows and
+    summary.json without their wall-clock keys, and the bytes of the adapter and the samples. The one home of
+    "same run" for the resume tests and scripts/kill_trials.py."""
+    missing = [f"{run / name} is missing" for name in ("metrics.jsonl", "summary.json", *SAME_BYTES)
+               for run in (a, b) if not (run / name).is_file()]
+    if missing:
+        return missing
+    found = []
+    rows_a, rows_b = comparable_metrics(a), comparable_metrics(b)
+    if len(rows_a) != len(rows_b):
+        found.append(f"metrics.jsonl: {len(rows_a)} rows against {len(rows_b)}")
+    found += [f"metrics.jsonl row {i}: {row_a} against {row_b}"
+              for i, (row_a, row_b) in enumerate(zip(rows_a, rows_b, strict=False)) if row_a != row_b][:3]
+    summary_a, summary_b = comparable_summary(a), comparable_summary(b)
+    found += [f"summary.json {key}: {summary_a.get(key)!r} against {summary_b.get(key)!r}"
+              for key in sorted(summary_a.keys() | summary_b.keys()) if summary_a.get(key) != summary_b.get(key)]
+    found += [f"{name}: the bytes differ" for name in SAME_BYTES if (a / name).read_bytes() != (b / name).read_bytes()]
+    return found

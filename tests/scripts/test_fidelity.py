@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from qlora import demo
-from tests.conftest import REPO
+from tests.runs import REPO
 
 
 def test_fidelity_script_reproduces_the_papers_orderings(tmp_path):
