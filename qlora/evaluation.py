@@ -74,7 +74,7 @@ class Score:
 
 
 @torch.no_grad()
-def score(model, batches: Iterable[dict[str, torch.Tensor]], max_batches: int | None = None,
+def score(model, batches: Iterable[dict[str, torch.Tensor]], *, max_batches: int | None = None,
           autocast: torch.dtype | None = None, loss: Callable[..., torch.Tensor] | None = None) -> Score:
     """Score `model` in eval mode on collated batches (at most `max_batches` of them), autocast to `autocast`.
 

@@ -151,7 +151,7 @@ def _report(path: str, stats: DataStats) -> None:
                     "s" if stats.skipped > 1 else "", stats.records, "; ".join(stats.skipped_why))
 
 
-def loaders(data: TokenizedData, cfg: DataConfig, micro_batch_size: int, seq_len: int, pad_id: int, seed: int,
+def loaders(data: TokenizedData, cfg: DataConfig, *, micro_batch_size: int, seq_len: int, pad_id: int, seed: int,
             num_workers: int, rank: int = 0,
             world: int = 1) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader | None]:
     """The train loader (packed or length-grouped, reshuffled every epoch; process `rank` of `world` gets its
