@@ -238,8 +238,8 @@ def _setup_data(config: Config, tokenizer, accelerator: Accelerator, *,
     qdata.use_chat_template(config.data, tokenizer)
     with accelerator.main_process_first():
         config = qdata.with_seq_len(config, tokenizer, positions)
-        data = qdata.load(config.data, tokenizer, config.train.seq_len, config.seed,
-                          Path(config.cache_dir).expanduser())
+        data = qdata.load(config.data, tokenizer, seq_len=config.train.seq_len, seed=config.seed,
+                          cache_dir=Path(config.cache_dir).expanduser())
     log.info("data %s (%s): %s; %d train / %d eval sequences%s", config.data.path, config.data.format.value,
              data.stats.describe(config.train.seq_len), len(data.train), len(data.eval),
              ", packed" if config.data.packing else "")

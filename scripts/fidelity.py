@@ -229,7 +229,7 @@ def quantization_error(base: Path, files: dict[str, Path], size: Size, device: t
     model_cfg = ModelConfig(name_or_path=str(base))
     tokenizer = load_tokenizer(model_cfg)
     text = DataConfig(path=str(files["heldout_text"]), format=DataFormat.text, eval_fraction=0.0, cache=False)
-    examples = qdata.load(text, tokenizer, size.seq_len, 0, None).train
+    examples = qdata.load(text, tokenizer, seq_len=size.seq_len, seed=0, cache_dir=None).train
     reference: dict[str, torch.Tensor] = {}
     rows = {}
     for mode in QUANT_ERROR_MODES:

@@ -66,7 +66,7 @@ def use_chat_template(cfg: DataConfig, tokenizer) -> None:
         tokenizer.chat_template = template
 
 
-def load(cfg: DataConfig, tokenizer, seq_len: int, seed: int, cache_dir: Path | None) -> TokenizedData:
+def load(cfg: DataConfig, tokenizer, *, seq_len: int, seed: int, cache_dir: Path | None) -> TokenizedData:
     """Tokenized train and eval examples, validated; from the cache when the same encoding was made before."""
     template = resolve_chat_template(cfg, tokenizer)
     cache = cache_dir / "tokenized" if cfg.cache and cache_dir is not None else None

@@ -329,7 +329,7 @@ def test_held_out_samples_are_prompts_as_trained_with_their_answers(tmp_path, bp
     path = tmp_path / "a.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = DataConfig(path=str(path), eval_fraction=0.25, cache=False)
-    data = qdata.load(cfg, bpe, 256, 42, None)
+    data = qdata.load(cfg, bpe, seq_len=256, seed=42, cache_dir=None)
     samples = qdata.held_out_samples(data, cfg, 3)
     assert len(samples) == 3
     for sample, example in zip(samples, data.eval, strict=False):
