@@ -18,7 +18,7 @@ from qlora.composition import (
 from qlora.config import ArchitectureConfig, Config, OptimizerName, QuantMethod, builds_scratch_model, validate
 from qlora.config.assets import group_options
 from qlora.errors import ConfigError
-from tests.runs import qlora_cli
+from tests.runs import REPO, qlora_cli
 
 GROUPS = ["model", "quant", "lora", "data", "optim", "train", "dist"]
 
@@ -260,7 +260,7 @@ def test_help_works_without_loading_torch(tmp_path):
 
     code = ("import sys, qlora.cli; qlora.cli.main(['--help']); qlora.cli.main(['recipes']); "
             "print('torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0 and out.stdout.strip().endswith("False"), out.stdout + out.stderr
 
 
@@ -268,7 +268,7 @@ def test_config_reference_is_current():
     import subprocess
     import sys
 
-    root = Path(__file__).resolve().parents[1]
+    root = REPO
     check = subprocess.run([sys.executable, "scripts/config_reference.py", "--check"], cwd=root, capture_output=True,
                            text=True)
     assert check.returncode == 0, check.stderr
