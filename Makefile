@@ -1,11 +1,16 @@
 # The two commands in the README. Both set up .venv first (scripts/setup.sh), then do their one job.
-.PHONY: demo test setup lint test-latest lock
+.PHONY: demo test test-fast setup lint test-latest lock
 
 demo: setup
 	.venv/bin/qlora train
 
 test: setup
 	.venv/bin/python -m pytest -q
+
+# The tests that are not marked slow: config, data, plan, loss, CLI errors (under 2 minutes on 2 cores); no training run,
+# export, resume, torchrun or real model.
+test-fast: setup
+	.venv/bin/python -m pytest -q -m "not slow"
 
 setup:
 	@scripts/setup.sh

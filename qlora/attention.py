@@ -11,9 +11,14 @@ Samples are found as transformers finds them: a new one starts wherever the posi
 (and at every row's start). qlora's collator gives each packed sample, and a row's padding, positions from 0.
 
     use_per_sample_sdpa(model)   # a model loaded with attn_implementation="sdpa"
+
+`check_packed_attention` proves, on a run's first batch, that whatever attention the model uses keeps packed samples
+apart.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +28,10 @@ try:
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:  # torch < 2.9
     varlen_attn = None
+
+from qlora.errors import QloraError
+
+log = logging.getLogger(__name__)
 
 PER_SAMPLE_SDPA = "qlora_per_sample_sdpa"
 
@@ -95,3 +104,32 @@ def _packed_segments(position_ids: torch.Tensor | None, query: torch.Tensor,
             bounds = [*starts.flatten().nonzero().flatten().tolist(), batch * tokens]
             _segments_of[position_ids] = bounds, max(e - s for s, e in zip(bounds[:-1], bounds[1:], strict=True))
     return _segments_of[position_ids]
+
+
+@torch.no_grad()
+def check_packed_attention(model, batch: dict, device: torch.device) -> None:
+    """Refuse to train packed if the model's attention lets a packed sample see the one before it.
+
+    The second sample of a packed row must give the same logits as on its own. The same row as one sequence
+    (what attention that ignores where samples start computes) sets the scale of a leak.
+    """
+    positions = batch["position_ids"][0]
+    starts = (positions == 0).nonzero().flatten().tolist()
+    if len(starts) < 2 or starts[1] - starts[0] < 2:
+        return  # the first row holds one sample: nothing can leak
+    end = starts[2] if len(starts) > 2 else len(positions)
+    ids = batch["input_ids"][:1, :end].to(device)
+    pos = positions[None, :end].to(device)
+    was_training = model.training
+    model.eval()
+    packed = model(input_ids=ids, position_ids=pos, use_cache=False).logits[0, starts[1]:end].float()
+    alone = model(input_ids=ids[:, starts[1]:end], use_cache=False).logits[0].float()
+    leaky = model(input_ids=ids, use_cache=False).logits[0, starts[1]:end]
+    model.train(was_training)
+    error, leak = (packed - alone).abs().max().item(), (leaky.float() - alone).abs().max().item()
+    log.info("packing: a packed sample's logits match it alone to %.2g (a leak across samples would be %.2g)",
+             error, leak)
+    if error > max(0.1 * leak, 1e-5):
+        raise QloraError(f"attention implementation {model.config._attn_implementation!r} lets packed samples "
+                         "attend to each other; use model.attn_implementation=sdpa (or eager, flash_attention_2), "
+                         "train.per_sample_attention=false, or data.packing=false")

@@ -7,7 +7,8 @@ leaves a half-written one; and finding the one to resume from.
         scheduler.pt    learning-rate schedule position
         scaler.pt       the fp16 gradient scaler's state (train.mixed_precision=fp16 only)
         rng.pt          python, numpy, torch CPU and CUDA generator states
-        state.json      step, epoch, data position, eval losses so far, the samples generated before training
+        state.json      the TrainState (step, epoch, data position, eval losses so far) and the samples
+                        generated before training
         config.yaml     the resolved config that produced it
 
 A checkpoint is written into `.step-000200.tmp`, every file and folder fsynced, then renamed into place, so a
@@ -57,6 +58,28 @@ HARMLESS_KEYS = frozenset({
 })
 
 
+@dataclass
+class TrainState:
+    """Where the run is: everything the loop advances, saved in every checkpoint (state.json)."""
+
+    step: int = 0
+    """Optimizer steps taken."""
+    epoch: int = 0
+    """Completed passes over the training data."""
+    batch: int = 0
+    """Micro batches drawn in the current epoch: with the epoch, the exact data position."""
+    tokens_seen: int = 0
+    """Non-padding tokens consumed (prompt and response)."""
+    tokens_trained: int = 0
+    """Tokens that carried loss."""
+    first_eval_loss: float | None = None
+    final_eval_loss: float | None = None
+    skipped_steps: int = 0
+    """Updates skipped for a non-finite loss (train.on_nonfinite_loss=skip)."""
+    processes: int = 1
+    """Processes that trained (each draws its own share of the batches, so `batch` counts per process)."""
+
+
 def step_of(path: Path) -> int | None:
     match = _NAME.match(path.name)
     return int(match.group(1)) if match else None
@@ -98,6 +121,21 @@ def save(run_dir: Path, step: int, write: Callable[[Path], None], keep: int) -> 
     for old in complete_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def write_parts(folder: Path, *, model, adapter: dict | None, optimizer: dict, scheduler: dict, scaler: dict | None,
+                state: dict, config_yaml: str) -> None:
+    """Write a checkpoint's files into `folder` (what `read` reads back): `model`'s adapter (`adapter` holds its
+    tensors when they were gathered from shards), the optimizer, schedule and scaler states, the RNG states now,
+    state.json and config.yaml."""
+    model.save_pretrained(str(folder / "adapter"), state_dict=adapter)
+    torch.save(optimizer, folder / "optimizer.pt")
+    torch.save(scheduler, folder / "scheduler.pt")
+    torch.save(rng_state(), folder / "rng.pt")
+    if scaler is not None:
+        torch.save(scaler, folder / "scaler.pt")
+    (folder / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+    (folder / "config.yaml").write_text(config_yaml)
 
 
 def remove_partial(run_dir: Path) -> None:

@@ -203,8 +203,8 @@ def _preview(cmd, overrides: list[str]) -> None:
     config = _validated_config(overrides)
     tokenizer = _tokenizer(config)
     config = _with_seq_len(config, tokenizer)
-    tokenized = data.load(config.data, tokenizer, config.train.seq_len, config.seed,
-                          Path(config.cache_dir).expanduser())
+    tokenized = data.load(config.data, tokenizer, seq_len=config.train.seq_len, seed=config.seed,
+                          cache_dir=Path(config.cache_dir).expanduser())
     preview(config, tokenizer, tokenized, cmd.samples)
 
 

@@ -176,6 +176,20 @@ def agree(accelerator: Accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "max").item())
 
 
+def sum_over_processes(accelerator: Accelerator, counts: list[int]) -> list[int]:
+    """`counts` summed over the processes (no communication for one process)."""
+    if accelerator.num_processes == 1:
+        return counts
+    return accelerator.reduce(torch.tensor(counts, device=accelerator.device), "sum").tolist()
+
+
+def maybe_no_sync(accelerator: Accelerator, model: torch.nn.Module, sync: bool):
+    """A context that skips the gradient all-reduce of `model`'s backward unless `sync`."""
+    from contextlib import nullcontext
+
+    return nullcontext() if sync else accelerator.no_sync(model)
+
+
 def describe(accelerator: Accelerator, dist: DistConfig) -> str:
     """One line on how the run is spread: strategy, processes, backend."""
     if accelerator.num_processes == 1:

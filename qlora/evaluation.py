@@ -74,7 +74,7 @@ class Score:
 
 
 @torch.no_grad()
-def score(model, batches: Iterable[dict[str, torch.Tensor]], max_batches: int | None = None,
+def score(model, batches: Iterable[dict[str, torch.Tensor]], *, max_batches: int | None = None,
           autocast: torch.dtype | None = None, loss: Callable[..., torch.Tensor] | None = None) -> Score:
     """Score `model` in eval mode on collated batches (at most `max_batches` of them), autocast to `autocast`.
 
@@ -173,7 +173,8 @@ def evaluate(cmd: EvalCommand, out=None) -> Report:
     if subset == EvalSubset.auto:
         subset = EvalSubset.eval if target.own_data else EvalSubset.all
     qdata.use_chat_template(cmd.data, target.tokenizer)
-    loaded = qdata.load(cmd.data, target.tokenizer, target.seq_len, target.seed, target.cache_dir)
+    loaded = qdata.load(cmd.data, target.tokenizer, seq_len=target.seq_len, seed=target.seed,
+                        cache_dir=target.cache_dir)
     examples, which = select(loaded, subset, cmd.data)
     limit = cmd.max_sequences
     if limit is None and target.own_data and subset == EvalSubset.eval:

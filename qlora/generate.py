@@ -1,5 +1,6 @@
-"""`qlora generate`: answer a prompt with a trained run (base loaded as trained, plus adapter) or a merged export,
-formatted as the model was trained and streamed to the terminal."""
+"""Generating text: `qlora generate` answers a prompt with a trained run (base loaded as trained, plus adapter) or a
+merged export, formatted as the model was trained and streamed to the terminal; `greedy_answers` are the samples a
+training run writes before and after it trains."""
 
 from __future__ import annotations
 
@@ -37,6 +38,25 @@ def generate(cmd: GenerateCommand, out=None) -> str:
     if not cmd.stream:
         print(text, file=out)
     return text
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
+                   device: torch.device) -> list[str]:
+    """Greedy continuations of prompts given as token ids (the new text, special tokens removed)."""
+    if not prompts:
+        return []
+    was_training = model.training
+    model.eval()
+    answers = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt], device=device)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+        answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    model.train(was_training)
+    return answers
 
 
 def _load(cmd: GenerateCommand, device: torch.device):

@@ -22,12 +22,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from qlora.data import IGNORE_INDEX
+from qlora.data import IGNORE_INDEX, model_inputs
 from qlora.errors import QloraError
 from qlora.evaluation import token_loss_sum
 
 PROBE_TOKENS = 8
 """Length of the input on which the constructor checks that the chunked path reproduces the model's logits."""
+
+
+def loss_inputs(batch: dict[str, torch.Tensor], device: torch.device, rows: int | None = None,
+                tokens: int | None = None) -> dict[str, torch.Tensor]:
+    """`CausalLMLoss`'s arguments for a collated batch (or its first rows x tokens), on `device`."""
+    batch = {k: v[:rows, :tokens].to(device, non_blocking=True) for k, v in batch.items()}
+    return {**model_inputs(batch), "labels": batch["labels"]}
 
 
 class CausalLMLoss(nn.Module):
@@ -70,10 +77,10 @@ class CausalLMLoss(nn.Module):
         # Looked up on every call: FSDP may have replaced submodules since the constructor ran.
         decoder, head = _decoder_and_head(_base_model(self.model))
         hidden = decoder(**{**inputs, "use_cache": False}).last_hidden_state
-        return chunked_token_loss_sum(hidden, labels, head, self.chunk_tokens, self.softcap)
+        return chunked_token_loss_sum(hidden, labels, head, self.chunk_tokens, softcap=self.softcap)
 
 
-def chunked_token_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk_tokens: int,
+def chunked_token_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk_tokens: int, *,
                            softcap: float | None = None) -> torch.Tensor:
     """`token_loss_sum` of the logits `head(hidden)`, softcapped to (-softcap, softcap) when given, computed
     `chunk_tokens` trained positions at a time; each chunk's logits are recomputed in backward, not saved.

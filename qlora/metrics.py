@@ -78,7 +78,7 @@ class MetricsLog:
     Raises QloraError when a logger cannot start its run (not logged in, unreachable tracking server).
     """
 
-    def __init__(self, run_dir: Path, loggers: list[Logger], project: str, name: str, hyperparameters: dict,
+    def __init__(self, run_dir: Path, loggers: list[Logger], project: str, name: str, hyperparameters: dict, *,
                  start: int = 0, history: Path | None = None) -> None:
         path = run_dir / "metrics.jsonl"
         source = history or path

@@ -7,7 +7,7 @@ config composition work on machines without it or without CUDA.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -101,6 +101,20 @@ def attention_implementation(cfg: ModelConfig, model_config) -> str | None:
     except KeyError:
         return None
     return "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
+
+
+def with_attention(cfg: ModelConfig, model_config) -> ModelConfig:
+    """`cfg` with attn_implementation=auto replaced by the implementation chosen for the architecture (logged)."""
+    if cfg.attn_implementation != AUTO:
+        return cfg
+    chosen = attention_implementation(cfg, model_config)
+    if chosen is None:
+        log.info("attention: transformers' default for %s (model.attn_implementation=auto, remote code)",
+                 cfg.name_or_path)
+        return cfg
+    log.info("attention: %s (model.attn_implementation=auto: %s for %s)", chosen,
+             "supported" if chosen == "sdpa" else "transformers has no sdpa", type(model_config).__name__)
+    return replace(cfg, attn_implementation=chosen)
 
 
 def load_tokenizer(cfg: ModelConfig):  # -> transformers.PreTrainedTokenizerBase
@@ -282,6 +296,26 @@ class QuantReport:
     @property
     def total_bytes(self) -> int:
         return self.quantized_bytes + self.other_bytes
+
+
+def log_base(model: nn.Module, cfg: ModelConfig, quant: QuantConfig, seconds: float) -> QuantReport | None:
+    """Log what the loaded base costs; its quantization report (None when unquantized)."""
+    if quant.method == QuantMethod.none:
+        n = sum(p.numel() for p in model.parameters())
+        log.info("base %s loaded unquantized in %.1fs: %s parameters, %.1f MiB", cfg.name_or_path, seconds,
+                 f"{n:,}", model.get_memory_footprint() / 2**20)
+        return None
+    report = quant_report(model)
+    log.info("base %s loaded as %s%s in %.1fs: %s parameters quantized at %.3f bits each, %s kept in %s; "
+             "%.1f MiB in all", cfg.name_or_path, quant.method.value, "+double-quant" if quant.double_quant else "",
+             seconds, f"{report.quantized_params:,}", report.bits_per_quantized_param, f"{report.other_params:,}",
+             dtype_name(compute_dtype(quant, model.device)), report.total_bytes / 2**20)
+    return report
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """`bfloat16` for torch.bfloat16."""
+    return str(dtype).removeprefix("torch.")
 
 
 def quant_report(model: nn.Module) -> QuantReport:

@@ -38,6 +38,7 @@ from qlora.config import (
     OptimizerName,
     QuantMethod,
     ScratchTokenizer,
+    TrainConfig,
     builds_scratch_model,
 )
 from qlora.errors import QloraError, first_line
@@ -674,3 +675,12 @@ def check_fits(config: Config, device: str) -> Plan | None:
         advice = "set " + " or ".join(options) if options else "use a smaller model"
     raise QloraError(f"the run needs about {gib(p.total_bytes)} of GPU memory and {gib(p.usable_bytes)} is usable "
                      f"(qlora plan shows the breakdown); {advice}, or train.check_memory=false to try anyway")
+
+
+def oom_message(cfg: TrainConfig, step: int) -> str:
+    """What to lower when training step `step` ran out of GPU memory after all."""
+    advice = [f"train.micro_batch_size={cfg.micro_batch_size} (raise train.grad_accum_steps to keep the batch)",
+              f"train.seq_len={cfg.seq_len}"]
+    if cfg.gradient_checkpointing is not True:
+        advice.append("or set train.gradient_checkpointing=true")
+    return f"out of GPU memory in training step {step}; lower {', '.join(advice)}"

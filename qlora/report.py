@@ -14,6 +14,7 @@ import base64
 import html
 import io
 import json
+import logging
 import math
 import statistics
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from omegaconf.errors import OmegaConfBaseException
 from qlora.errors import QloraError, first_line
 from qlora.files import write_bytes_atomic, write_text_atomic
 from qlora.metrics import perplexity, read_metrics
+
+log = logging.getLogger(__name__)
 
 WIDTH_PX, HEIGHT_PX, DPI = 1600, 1000, 125
 """report.png's size in pixels and the resolution its fonts are laid out at."""
@@ -112,6 +115,16 @@ def write_report(run_dir: Path) -> tuple[Path, Path]:
         raise QloraError(f"could not write the report into {run.folder} ({e.strerror or e}); free space or fix "
                          "the folder's permissions, then run it again") from e
     return png_path, html_path
+
+
+def report_finished_run(run_dir: Path) -> None:
+    """`write_report` at the end of a training run (train.report): a failure is logged, never fatal to the run."""
+    try:
+        png, html = write_report(run_dir)
+        log.info("report: %s (and %s)", html, png.name)
+    except (QloraError, OSError, ValueError) as e:
+        log.warning("the run finished, but its report could not be written (%s); "
+                    "qlora report %s retries", first_line(e), run_dir)
 
 
 def read_run(folder: Path) -> RunRecord:

@@ -27,6 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 from qlora import checkpoint
 from qlora.config import Config, without_removed_keys
 from qlora.errors import QloraError, first_line
+from qlora.files import write_folder_atomic, write_text_atomic
 
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] %(message)s"
 
@@ -87,6 +88,33 @@ def clear(folder: Path) -> None:
             shutil.rmtree(entry)
         else:
             entry.unlink()
+
+
+def commit(config: Config, tokenizer, runlog: RunLog, recipe: str | None = None) -> None:
+    """Take over output_dir (the main process does): the run passed every check, so an old run may now be
+    replaced. Writes config.yaml and the tokenizer, and starts train.log."""
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if config.overwrite:
+        clear(out)
+    checkpoint.remove_partial(out)
+    write_text_atomic(out / "config.yaml", config_yaml(config, recipe))
+    write_folder_atomic(out / "tokenizer", lambda folder: tokenizer.save_pretrained(str(folder)))
+    runlog.commit(out / "train.log")
+
+
+def save_results(out: Path, model, adapter: dict | None, *, samples: list[dict], summary: dict) -> None:
+    """The finished run's adapter (`adapter` holds its tensors when they were gathered from shards), samples.json and,
+    last, summary.json."""
+    try:
+        write_folder_atomic(out / "adapter", lambda folder: model.save_pretrained(str(folder), state_dict=adapter))
+        if samples:
+            write_text_atomic(out / "samples.json", json.dumps(samples, indent=2) + "\n")
+        write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    except OSError as e:
+        found = checkpoint.complete_checkpoints(out)
+        kept = f"checkpoint {found[-1]} holds the trained weights" if found else "no checkpoint holds them"
+        raise QloraError(checkpoint.no_space_message(e, f"the adapter to {out}", kept)) from e
 
 
 class RunLog(logging.Handler):

@@ -350,8 +350,8 @@ def tokenize_for_both(overrides: list[str], dest: Path) -> tuple[dict, int]:
 
     config = compose_config(overrides)
     tokenizer = load_tokenizer(config.model)
-    tokenized = qdata.load(config.data, tokenizer, config.train.seq_len, config.seed,
-                           Path(config.cache_dir).expanduser())
+    tokenized = qdata.load(config.data, tokenizer, seq_len=config.train.seq_len, seed=config.seed,
+                           cache_dir=Path(config.cache_dir).expanduser())
     ids = [e.input_ids.tolist() for e in tokenized.train]
     columns = {"input_ids": ids, "attention_mask": [[1] * len(i) for i in ids],
                "labels": [e.labels.tolist() for e in tokenized.train]}

@@ -42,6 +42,7 @@ from qlora.composition import compose_config
 from qlora.config import DataConfig, DataFormat, ModelConfig, ScratchModelConfig, ScratchTokenizer
 from qlora.config.assets import quant_option
 from qlora.demo import ensure_scratch_model
+from qlora.device import default_device
 from qlora.evaluation import batches, score
 from qlora.export.merge import dequantized_weight
 from qlora.model import load_base_model, quant_report
@@ -105,7 +106,7 @@ def main() -> None:
     for noisy in ("qlora", "bitsandbytes", "transformers", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     size = SIZES[args.size]
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = default_device()
     cache = (args.cache or Path(compose_config([]).cache_dir).expanduser() / "fidelity")
 
     started = time.perf_counter()
@@ -228,7 +229,7 @@ def quantization_error(base: Path, files: dict[str, Path], size: Size, device: t
     model_cfg = ModelConfig(name_or_path=str(base))
     tokenizer = load_tokenizer(model_cfg)
     text = DataConfig(path=str(files["heldout_text"]), format=DataFormat.text, eval_fraction=0.0, cache=False)
-    examples = qdata.load(text, tokenizer, size.seq_len, 0, None).train
+    examples = qdata.load(text, tokenizer, seq_len=size.seq_len, seed=0, cache_dir=None).train
     reference: dict[str, torch.Tensor] = {}
     rows = {}
     for mode in QUANT_ERROR_MODES:

@@ -56,9 +56,10 @@ def step0(work: Path, inits: list[str]) -> dict:
         config = compose_config([RECIPE, *SHORT, f"output_dir={work / 'step0'}", *overrides])
         tokenizer = load_tokenizer(config.model)
         qdata.use_chat_template(config.data, tokenizer)
-        data = qdata.load(config.data, tokenizer, config.train.seq_len, config.seed, Path(config.cache_dir))
-        _, eval_loader = qdata.loaders(data, config.data, 8, config.train.seq_len, tokenizer.pad_token_id,
-                                       config.seed, 0, 0, 1)
+        data = qdata.load(config.data, tokenizer, seq_len=config.train.seq_len, seed=config.seed,
+                          cache_dir=Path(config.cache_dir))
+        _, eval_loader = qdata.loaders(data, config.data, micro_batch_size=8, seq_len=config.train.seq_len,
+                                       pad_id=tokenizer.pad_token_id, seed=config.seed, num_workers=0)
         torch.manual_seed(config.seed)
         model = load_base_model(config.model, config.quant, torch.device("cpu"))
         t0 = time.perf_counter()

@@ -34,6 +34,30 @@ TINY = [
     "train.progress=false",
 ]
 
+def compose(cache: Path, out: Path, *overrides: str):  # -> qlora.config.Config
+    """The demo recipe on the TINY model (built in `cache`), writing to `out`, with `overrides` on top."""
+    from qlora.composition import compose_config
+
+    return compose_config([f"cache_dir={cache}", f"model.scratch.path={cache}/tiny128", *TINY, f"output_dir={out}",
+                           *overrides])
+
+
+def packed_batch():  # -> dict[str, torch.Tensor]
+    """Two packed rows as qlora's collator makes them: 7 + 10 + 3 tokens, and 12 + 5 then 3 of padding."""
+    import torch
+
+    from qlora.data.batches import Collator
+    from qlora.data.encode import Example
+
+    generator = torch.Generator().manual_seed(1)
+
+    def example(n: int) -> Example:
+        ids = torch.randint(3, 300, (n,), generator=generator).tolist()
+        return Example(input_ids=ids, labels=ids, record=0)
+
+    return Collator(pad_id=0, packed=True)([[example(7), example(10), example(3)], [example(12), example(5)]])
+
+
 # A short SmolLM2 fine-tune on the Alpaca sample: every value that matters given, so no recipe's defaults change it.
 SMOLLM2_RUN = [
     "data.format=alpaca", f"data.path={ALPACA_5000}", "data.on_invalid=skip", "data.eval_fraction=0.02",

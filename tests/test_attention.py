@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from qlora.attention import PER_SAMPLE_SDPA, use_per_sample_sdpa
 from qlora.data.batches import Collator
 from qlora.data.encode import Example
+from tests.runs import packed_batch
 
 
 @pytest.fixture
@@ -18,17 +19,6 @@ def model():
     config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-
-
-def packed_batch() -> dict[str, torch.Tensor]:
-    """Two packed rows as qlora's collator makes them: 7 + 10 + 3 tokens, and 12 + 5 then 3 of padding."""
-    generator = torch.Generator().manual_seed(1)
-
-    def example(n: int) -> Example:
-        ids = torch.randint(3, 300, (n,), generator=generator).tolist()
-        return Example(input_ids=ids, labels=ids, record=0)
-
-    return Collator(pad_id=0, packed=True)([[example(7), example(10), example(3)], [example(12), example(5)]])
 
 
 def forward_and_grads(model, **inputs) -> tuple[torch.Tensor, list[torch.Tensor]]:

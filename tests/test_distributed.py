@@ -15,13 +15,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from qlora.checkpoint import TrainState
 from qlora.composition import compose_config
 from qlora.config import validate
 from qlora.data.batches import LengthGroupedBatches
 from qlora.errors import ConfigError, QloraError
 from qlora.metrics import read_metrics
-from qlora.train import TrainState, _check_processes, run
+from qlora.resume import check_processes
+from qlora.train import run
 from tests.runs import REPO, TINY
+
+pytestmark = pytest.mark.slow  # several processes launched by torchrun
 
 STEPS = 8
 COMMON = [*TINY, "lora.dropout=0", f"train.max_steps={STEPS}", "train.log_every_steps=1", "train.eval_every_steps=4",
@@ -161,8 +165,8 @@ def test_a_multi_process_launch_needs_a_strategy(tiny_config, monkeypatch):
 def test_resuming_with_another_process_count_is_refused():
     state = TrainState(step=4, batch=6, processes=2)
     with pytest.raises(QloraError, match="trained by 2 process.*this run has 1; launch 2"):
-        _check_processes(state, 1, force=False)
-    _check_processes(state, 4, force=True)
+        check_processes(state, 1, force=False)
+    check_processes(state, 4, force=True)
     assert state.batch == 3  # 12 batches drawn in all, so 3 by each of 4 processes
 
 

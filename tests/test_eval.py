@@ -42,6 +42,7 @@ def _eval(*args: str):
     return evaluate(compose_command(EvalCommand, args, command_defaults(args)), out=io.StringIO())
 
 
+@pytest.mark.slow
 def test_a_run_scores_its_own_eval_loss(trained, tmp_path):
     root, result, _ = trained
     report = _eval(f"run_dir={result.output_dir}", f"output={tmp_path / 'e.json'}")
@@ -54,6 +55,7 @@ def test_a_run_scores_its_own_eval_loss(trained, tmp_path):
     assert saved["results"][0]["tokens"] == row.score.tokens > 0
 
 
+@pytest.mark.slow
 def test_the_score_does_not_depend_on_batching(trained, tmp_path):
     root, result, _ = trained
     one = _eval(f"run_dir={result.output_dir}", "batch_size=1", f"output={tmp_path / 'a.json'}").results[0].score
@@ -62,6 +64,7 @@ def test_the_score_does_not_depend_on_batching(trained, tmp_path):
     assert one.mean_loss == pytest.approx(many.mean_loss, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_perplexity_is_exp_of_the_masked_loss_computed_independently(trained, tmp_path):
     """The base model scored by `qlora eval model=` against transformers' own loss, with the prompt masked by
     hand: every Alpaca record tokenized as prompt (not scored) + response + EOS (scored)."""
@@ -90,6 +93,7 @@ def test_perplexity_is_exp_of_the_masked_loss_computed_independently(trained, tm
     assert row.score.perplexity == pytest.approx(math.exp(nll / tokens), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_base_row_is_the_quantized_base_without_the_adapter(trained, tmp_path):
     root, result, config = trained
     report = _eval(f"run_dir={result.output_dir}", "base=true", f"output={tmp_path / 'a.json'}")
@@ -104,6 +108,7 @@ def test_base_row_is_the_quantized_base_without_the_adapter(trained, tmp_path):
     assert unquantized.mean_loss != alone.mean_loss  # quant= really loads the base quantized
 
 
+@pytest.mark.slow
 def test_a_merged_export_scores_like_the_run(trained, tmp_path):
     root, result, config = trained
     export(compose_command(ExportCommand, [f"run_dir={result.output_dir}", f"output_dir={tmp_path / 'x'}",
@@ -113,6 +118,7 @@ def test_a_merged_export_scores_like_the_run(trained, tmp_path):
     assert merged.mean_loss == pytest.approx(result.final_eval_loss, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_subsets_and_limits(trained, tmp_path):
     root, result, config = trained
     run_dir = f"run_dir={result.output_dir}"
@@ -128,6 +134,7 @@ def test_subsets_and_limits(trained, tmp_path):
     assert limited.results[0].score.sequences == 3
 
 
+@pytest.mark.slow
 def test_text_data_scores_every_token_in_seq_len_windows(trained, tmp_path):
     root, result, config = trained
     text = tmp_path / "text.jsonl"
@@ -142,6 +149,7 @@ def test_text_data_scores_every_token_in_seq_len_windows(trained, tmp_path):
     assert score.tokens == 2 * (per_doc - windows)  # each window's first token is predicted from nothing
 
 
+@pytest.mark.slow
 def test_cli_prints_a_table_and_writes_json(trained, tmp_path):
     root, result, _ = trained
     out = tmp_path / "eval.json"
@@ -169,6 +177,7 @@ def test_cli_prints_a_table_and_writes_json(trained, tmp_path):
     (["model={base}", "data.path={data}", "seq_len=100000"], "is longer than"),
     (["run_dir={run}", "bogus=1"], "unknown config key 'bogus'"),
 ])
+@pytest.mark.slow
 def test_bad_inputs_fail_in_one_line_and_write_nothing(trained, tmp_path, args, message):
     root, result, config = trained
     args = [a.format(base=config.model.name_or_path, data=config.data.path, run=result.output_dir, tmp=tmp_path)
@@ -180,6 +189,7 @@ def test_bad_inputs_fail_in_one_line_and_write_nothing(trained, tmp_path, args, 
     assert not (tmp_path / "out.json").exists()
 
 
+@pytest.mark.slow
 def test_cli_error_is_one_line_with_exit_status_2(tmp_path):
     done = qlora_cli("eval", "model=nowhere/none", "data.path=missing.json", cwd=tmp_path)
     assert done.returncode == 2
@@ -187,6 +197,7 @@ def test_cli_error_is_one_line_with_exit_status_2(tmp_path):
     assert not (tmp_path / "eval.json").exists()
 
 
+@pytest.mark.slow
 def test_the_eval_command_reads_the_runs_data_settings(trained):
     root, result, config = trained
     cmd = compose_command(EvalCommand, [f"run_dir={result.output_dir}"],

@@ -9,7 +9,7 @@ import torch
 
 from qlora.metrics import read_metrics
 from qlora.train import run
-from tests.test_train import compose
+from tests.runs import compose
 
 pytestmark = pytest.mark.gpu
 
@@ -68,7 +68,7 @@ def test_per_sample_attention_on_cuda_is_the_masked_attention():
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from qlora.attention import use_per_sample_sdpa
-    from tests.test_attention import packed_batch
+    from tests.runs import packed_batch
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=300, hidden_size=256, intermediate_size=512, num_hidden_layers=2,

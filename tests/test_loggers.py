@@ -152,6 +152,7 @@ def test_mlflow_gets_the_rows_and_the_hyperparameters(tmp_path, mlflow_store):
     assert params["extra.p119"] == "119" and params["long"] == "x" * 6000  # MLflow's longest param value
 
 
+@pytest.mark.slow
 def test_wandb_gets_the_rows_and_the_config(tmp_path, wandb_offline):
     write(tmp_path / "run", [Logger.wandb], range(1, 6))
     [folder] = wandb_folders(tmp_path / "run")
@@ -165,6 +166,7 @@ def test_wandb_gets_the_rows_and_the_config(tmp_path, wandb_offline):
     assert json.loads((tmp_path / "run" / LOGGER_IDS).read_text()) == {"wandb": start.run_id}
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_backend_runs_and_duplicates_nothing(tmp_path, mlflow_store, wandb_offline):
     """Killed after step 15 with the newest checkpoint at 10; the resumed run redoes 11..15 (offset values)."""
     run_dir, loggers = tmp_path / "run", [Logger.tensorboard, Logger.wandb, Logger.mlflow]
@@ -246,6 +248,7 @@ def test_close_ends_every_logger_even_when_one_fails(tmp_path, mlflow_store, cap
     assert len(warnings) == 1 and warnings[0].startswith("train.loggers: closing mlflow failed (")
 
 
+@pytest.mark.slow
 def test_a_training_run_logs_to_tensorboard_and_mlflow(tiny_config, mlflow_store, tmp_path):
     steps = 6
     overrides = ["train.loggers=[tensorboard,mlflow]", "train.project=qlora-e2e", "train.log_every_steps=1",

@@ -21,6 +21,7 @@ def tiny_model_dir(tiny_config) -> Path:
 
 @pytest.mark.parametrize("option,quant_type,nested", [("nf4", "nf4", False), ("nf4-dq", "nf4", True),
                                                       ("fp4", "fp4", False), ("fp4-dq", "fp4", True)])
+@pytest.mark.slow
 def test_4bit_layers_are_bitsandbytes_with_the_configured_format(tiny_config, tiny_model_dir, option, quant_type,
                                                                   nested):
     config = tiny_config(f"quant={option}")
@@ -37,6 +38,7 @@ def test_4bit_layers_are_bitsandbytes_with_the_configured_format(tiny_config, ti
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("double_quant,bits", [(False, 4.5), (True, 4.127)])
+@pytest.mark.slow
 def test_bits_per_parameter_of_a_real_sized_layer_match_the_paper(quant_type, double_quant, bits):
     # 4-bit codes + one fp32 absmax per 64 weights = 4.5 bits; with double quantization the absmax is 8-bit
     # plus one fp32 constant per 256 blocks: 4 + 8/64 + 32/(64*256) = 4.127 (Dettmers et al. 2023, sec. 3).
@@ -47,6 +49,7 @@ def test_bits_per_parameter_of_a_real_sized_layer_match_the_paper(quant_type, do
 
 
 @pytest.mark.parametrize("option", ["nf4", "nf4-dq", "int8"])
+@pytest.mark.slow
 def test_quant_report_counts_every_byte_of_the_tiny_model(tiny_config, tiny_model_dir, option):
     config = tiny_config(f"quant={option}")
     report = quant_report(load_base_model(config.model, config.quant, torch.device("cpu")))
@@ -82,6 +85,7 @@ def test_4bit_dequantized_weights_equal_bitsandbytes_roundtrip(tiny_config, tiny
     assert 0 < (ours - original).abs().max() < original.abs().max() / 4  # quantized, but close
 
 
+@pytest.mark.slow
 def test_int8_and_unquantized_bases(tiny_config, tiny_model_dir):
     config = tiny_config("quant=int8")
     int8 = load_base_model(config.model, config.quant, torch.device("cpu"))
@@ -99,6 +103,7 @@ def test_int8_and_unquantized_bases(tiny_config, tiny_model_dir):
     assert plain.model.layers[0].mlp.up_proj.weight.dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_eval_forward_keeps_the_training_layout(tiny_config, tiny_model_dir):
     # bitsandbytes would repack 4-bit weights for CPU inference on AVX512-BF16 machines, after which no
     # gradient flows through the base; the loader must prevent that (see model._keep_training_layout).
@@ -139,6 +144,7 @@ def gemma2(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_gemma2_trains_and_exports_with_the_attention_its_architecture_supports(gemma2, tmp_path):
     """transformers computes no sdpa attention for Gemma 2 (its scores are soft-capped), and says so in the model
     class the config names: attn_implementation=auto picks eager from that, no setting given, no name read."""

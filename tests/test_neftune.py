@@ -67,7 +67,7 @@ def test_noise_has_the_stated_scale_in_training_only(model):
 
 def test_generation_and_eval_scores_are_untouched(model):
     from qlora.evaluation import score
-    from qlora.train import generate
+    from qlora.generate import greedy_answers
 
     class Tok:
         pad_token_id, eos_token_id = 0, None
@@ -77,10 +77,14 @@ def test_generation_and_eval_scores_are_untouched(model):
 
     ids = torch.randint(1, 50, (2, 12))
     batches = [{"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}]
-    before = generate(model, Tok(), [ids[0].tolist()], 8, torch.device("cpu")), score(model, batches).mean_loss
+    def answers_and_loss():
+        return (greedy_answers(model, Tok(), [ids[0].tolist()], max_new_tokens=8, device=torch.device("cpu")),
+                score(model, batches).mean_loss)
+
+    before = answers_and_loss()
     neftune.attach(model, alpha=50.0)
     model.train()
     with neftune.noisy(model, batches[0]):  # even inside the context: generate and score switch to eval mode
-        after = generate(model, Tok(), [ids[0].tolist()], 8, torch.device("cpu")), score(model, batches).mean_loss
+        after = answers_and_loss()
     assert after == before
     assert model.training  # both put the mode back

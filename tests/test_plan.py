@@ -43,10 +43,12 @@ def _prepared_base(config):
 @pytest.mark.parametrize("overrides", [
     ["quant=nf4-dq", "optim=paged_adamw_8bit"],
     ["quant=nf4", "optim=adamw", "lora.r=8"],
-    ["quant=fp4-dq", "optim=paged_lion_8bit", "optim.min_8bit_size=4096"],
-    ["quant=int8", "optim=paged_adamw_32bit"],
-    ["quant=nf4-dq", "optim=adamw", "lora.dora=true"],
-    ["quant=none", "optim=adamw_8bit", "lora.modules_to_save=[lm_head]", "lora.target_modules=[q_proj,v_proj]"],
+    # A tiny base loaded per case: the fast tier keeps the default and a plain AdamW one.
+    pytest.param(["quant=fp4-dq", "optim=paged_lion_8bit", "optim.min_8bit_size=4096"], marks=pytest.mark.slow),
+    pytest.param(["quant=int8", "optim=paged_adamw_32bit"], marks=pytest.mark.slow),
+    pytest.param(["quant=nf4-dq", "optim=adamw", "lora.dora=true"], marks=pytest.mark.slow),
+    pytest.param(["quant=none", "optim=adamw_8bit", "lora.modules_to_save=[lm_head]",
+                  "lora.target_modules=[q_proj,v_proj]"], marks=pytest.mark.slow),
 ])
 def test_exact_bytes_equal_the_tensors_of_a_run(tiny_config, overrides):
     config = tiny_config(*overrides)
@@ -68,6 +70,7 @@ def test_exact_bytes_equal_the_tensors_of_a_run(tiny_config, overrides):
     assert estimate.optimizer_bytes == measured_state_bytes(optimizer)
 
 
+@pytest.mark.slow
 def test_quantized_parameter_count_and_storage_match_the_loaded_model(tiny_config):
     config = tiny_config("quant=nf4-dq")
     report = quant_report(_prepared_base(config))
@@ -90,6 +93,7 @@ OTHER_SHAPE = ["model.scratch.hidden_size=192", "model.scratch.intermediate_size
     ["lora.dropout=0.1", "train.gradient_checkpointing=false", "quant.compute_dtype=bfloat16",
      "train.mixed_precision=bf16"],
 ])
+@pytest.mark.slow
 def test_activation_estimate_is_within_10_percent_of_what_autograd_saves(tiny_config, cache_dir, overrides):
     config = tiny_config(*OTHER_SHAPE, f"model.scratch.path={cache_dir}/tiny192", "train.micro_batch_size=3",
                          "train.seq_len=80", *overrides)
@@ -102,6 +106,7 @@ def test_activation_estimate_is_within_10_percent_of_what_autograd_saves(tiny_co
     assert estimate.activation_bytes + saved_logits == pytest.approx(measured, rel=0.10)
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_plans_for_layer_inputs_plus_one_layer(tiny_config):
     on = plan(tiny_config("train.gradient_checkpointing=true"), "cpu")
     off = plan(tiny_config("train.gradient_checkpointing=false"), "cpu")
@@ -112,6 +117,7 @@ def test_gradient_checkpointing_plans_for_layer_inputs_plus_one_layer(tiny_confi
         (off.activation_bytes - outside) / layers, abs=2)
 
 
+@pytest.mark.slow
 def test_peak_with_some_layers_recomputed_is_within_10_percent_of_the_plan(tiny_config, cache_dir):
     """Every tensor a training step creates, counted until it is freed, against the plan's per-step part."""
     config = tiny_config(*OTHER_SHAPE, f"model.scratch.path={cache_dir}/tiny192", "train.micro_batch_size=2",
@@ -133,6 +139,7 @@ def test_peak_with_some_layers_recomputed_is_within_10_percent_of_the_plan(tiny_
     assert peaks[3] >= peaks[2]  # recomputing the last layer too saves nothing
 
 
+@pytest.mark.slow
 def test_auto_recomputes_the_fewest_layers_that_fit(tiny_config, cache_dir):
     shape = [*OTHER_SHAPE, f"model.scratch.path={cache_dir}/tiny192", "train.micro_batch_size=8",
              "train.seq_len=512"]
@@ -150,6 +157,7 @@ def test_auto_recomputes_the_fewest_layers_that_fit(tiny_config, cache_dir):
     assert plan(tiny_config(*shape, "train.gradient_checkpointing=true"), "cuda").checkpointed_layers == 3
 
 
+@pytest.mark.slow
 def test_largest_micro_batch_and_seq_len_fit_and_one_more_does_not(tiny_config):
     config = tiny_config("train.memory_limit_gb=1.05", "train.micro_batch_size=4", "train.seq_len=128")
     estimate = plan(config, "cuda")
@@ -187,6 +195,7 @@ def test_a_hub_model_is_planned_from_model_architecture_without_downloading(tmp_
     assert estimate.fits
 
 
+@pytest.mark.slow
 def test_qlora_plan_cli(tmp_path, cache_dir):
     result = qlora_cli("plan", f"cache_dir={cache_dir}", f"model.scratch.path={cache_dir}/tiny128",
                        "model.scratch.hidden_size=128", "model.scratch.intermediate_size=256",
@@ -197,6 +206,7 @@ def test_qlora_plan_cli(tmp_path, cache_dir):
     assert bad.returncode == 2 and "unknown config key 'lora.rr'" in bad.stderr
 
 
+@pytest.mark.slow
 def test_recipe_headers_state_what_qlora_plan_says(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "recipe_headers.py"), "--check"], cwd=tmp_path,
                             capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})

@@ -1,6 +1,6 @@
 """The recipe catalog: every recipe's header, every hub model's shapes against its published size, `qlora recipes`.
 
-That every recipe composes and validates is tests/test_config.py's test_every_recipe_composes.
+That every recipe composes and validates is tests/config/test_config.py's test_every_recipe_composes.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def test_the_catalog_covers_every_task_and_keeps_the_old_names(infos):
 
 
 def test_the_model_column_is_what_the_recipe_loads(infos):
-    # Every hub model of the catalog comes from a model option with an architecture (tests/test_config.py checks
+    # Every hub model of the catalog comes from a model option with an architecture (tests/config/test_config.py checks
     # that the composed recipe has it; the test below checks the figures).
     hub_models = {OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "model" / f"{o}.yaml")).get("name_or_path")
                   for o in model_options()}
@@ -91,6 +91,7 @@ def matches_published(count: int, published: str) -> bool:
 
 
 @pytest.mark.parametrize("option", [o for o in model_options() if not o.startswith("tiny-") and o != "custom"])
+@pytest.mark.slow
 def test_architecture_builds_with_the_published_parameter_count(option, tmp_path):
     torch = pytest.importorskip("torch")
     from transformers import AutoConfig, AutoModelForCausalLM

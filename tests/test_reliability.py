@@ -22,6 +22,8 @@ from qlora.errors import QloraError
 from qlora.train import run
 from tests.runs import TINY, interrupted_run, qlora_cli, run_differences
 
+pytestmark = pytest.mark.slow  # runs trained, stopped and resumed through the CLI
+
 STEPS = 24
 # 162 training sequences in batches of 8, two per step: 10 steps an epoch, so runs cross epoch boundaries.
 # Dropout on, so the RNG state matters.

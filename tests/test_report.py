@@ -55,6 +55,7 @@ def hand_written(folder: Path, rows: list[dict], summary: dict | None = None, sa
     return folder
 
 
+@pytest.mark.slow
 def test_report_of_a_trained_run(trained):
     png, html = write_report(trained)
     assert (png, html) == (trained / "report.png", trained / "report.html")
@@ -80,6 +81,7 @@ def test_report_of_a_trained_run(trained):
     assert "<details><summary>config.yaml</summary>" in page and "lora:\n  r: 16\n" in page
 
 
+@pytest.mark.slow
 def test_samples_are_escaped_and_the_json_cannot_close_its_script(tmp_path):
     rows = [{"step": 0, "eval_loss": 3.0}, {"step": 1, "loss": 3.1, "lr": 1e-4, "note": "</script><b>x</b>"},
             {"step": 2, "loss": float("nan"), "lr": 2e-4}]
@@ -121,6 +123,7 @@ def test_not_a_run_folder_is_an_error(tmp_path):
         write_report(tmp_path / "bad")
 
 
+@pytest.mark.slow
 def test_rewriting_replaces_the_report_whole(tmp_path, trained, monkeypatch):
     folder = tmp_path / "run"
     shutil.copytree(trained, folder, ignore=shutil.ignore_patterns("checkpoints", "adapter", "report.*"))
@@ -145,6 +148,7 @@ def test_rewriting_replaces_the_report_whole(tmp_path, trained, monkeypatch):
     assert (png.read_bytes(), html.read_bytes()) == old
 
 
+@pytest.mark.slow
 def test_minimal_rows_without_optional_keys(tmp_path):
     rows = [{"step": s, "loss": 3.0 - 0.1 * s} for s in (1, 5, 10)]  # no lr, eval, tokens/s, memory, summary
     folder = hand_written(tmp_path / "run", rows)
@@ -157,6 +161,7 @@ def test_minimal_rows_without_optional_keys(tmp_path):
     assert "eval loss" not in page and "Samples" not in page and "peak memory" not in page
 
 
+@pytest.mark.slow
 def test_summary_extras_and_old_memory_key(tmp_path):
     rows = [{"step": 0, "eval_loss": 2.0},
             {"step": 10, "loss": 1.5, "lr": 1e-4, "tokens_per_s": 100.0, "cuda_max_allocated_gb": 1.25},

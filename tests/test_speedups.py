@@ -9,6 +9,8 @@ from qlora.attention import PER_SAMPLE_SDPA
 from qlora.metrics import read_metrics
 from qlora.train import run
 
+pytestmark = pytest.mark.slow  # pairs of training runs compared
+
 STEPS = ["train.max_steps=6", "train.log_every_steps=1", "train.eval_every_steps=3", "train.sample_prompts=[]",
          "train.report=false", "lora.dropout=0"]
 

@@ -10,19 +10,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from qlora.composition import compose_config
 from qlora.metrics import read_metrics
 from qlora.model import load_base_model, load_tokenizer
 from qlora.train import run
-from tests.runs import TINY, qlora_cli
+from tests.runs import TINY, compose, qlora_cli
+
+pytestmark = pytest.mark.slow  # every test trains the tiny model end to end
 
 STEPS = 40
-
-
-def compose(cache: Path, out: Path, *overrides: str):
-    config = compose_config([f"cache_dir={cache}", f"model.scratch.path={cache}/tiny128", *TINY,
-                                f"output_dir={out}", *overrides])
-    return config
 
 
 @pytest.fixture(scope="module")

@@ -66,7 +66,7 @@ def use_chat_template(cfg: DataConfig, tokenizer) -> None:
         tokenizer.chat_template = template
 
 
-def load(cfg: DataConfig, tokenizer, seq_len: int, seed: int, cache_dir: Path | None) -> TokenizedData:
+def load(cfg: DataConfig, tokenizer, *, seq_len: int, seed: int, cache_dir: Path | None) -> TokenizedData:
     """Tokenized train and eval examples, validated; from the cache when the same encoding was made before."""
     template = resolve_chat_template(cfg, tokenizer)
     cache = cache_dir / "tokenized" if cfg.cache and cache_dir is not None else None
@@ -151,7 +151,7 @@ def _report(path: str, stats: DataStats) -> None:
                     "s" if stats.skipped > 1 else "", stats.records, "; ".join(stats.skipped_why))
 
 
-def loaders(data: TokenizedData, cfg: DataConfig, micro_batch_size: int, seq_len: int, pad_id: int, seed: int,
+def loaders(data: TokenizedData, cfg: DataConfig, *, micro_batch_size: int, seq_len: int, pad_id: int, seed: int,
             num_workers: int, rank: int = 0,
             world: int = 1) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader | None]:
     """The train loader (packed or length-grouped, reshuffled every epoch; process `rank` of `world` gets its

@@ -65,7 +65,7 @@ class LengthGroupedBatches:
 
     WINDOW = 64
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, group: bool, rank: int = 0,
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, group: bool, *, rank: int = 0,
                  world: int = 1) -> None:
         self.lengths = np.asarray(lengths)
         self.batch_size = batch_size

@@ -15,7 +15,7 @@ from qlora.data import IGNORE_INDEX, Example, LengthGroupedBatches, pack, paddin
 GREEN, RESET = "\033[32m", "\033[0m"
 
 
-def preview(config: Config, tokenizer, data, samples: int, out=None) -> None:
+def preview(config: Config, tokenizer, data, samples: int, *, out=None) -> None:
     """Print the preview of `data` (a qlora.data.TokenizedData) encoded with `tokenizer` under `config`."""
     out = out or sys.stdout
     colour = out.isatty() and not os.environ.get("NO_COLOR")

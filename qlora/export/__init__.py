@@ -371,7 +371,7 @@ def _write_card(run: TrainedRun, cmd: ExportCommand, verification: Verification,
 
     (folder / "verification.json").write_text(json.dumps(verification.to_json(), indent=2) + "\n")
     files = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
-    (folder / "README.md").write_text(model_card(run, cmd, verification, files, tokenizer))
+    (folder / "README.md").write_text(model_card(run, cmd, verification, files=files, tokenizer=tokenizer))
 
 
 def _finish(staging: Path, out: Path, overwrite: bool, verification: Verification) -> ExportResult:

@@ -23,7 +23,7 @@ _MERGE = {
 }
 
 
-def model_card(run: TrainedRun, cmd: ExportCommand, verification, files: list[str], tokenizer) -> str:
+def model_card(run: TrainedRun, cmd: ExportCommand, verification, *, files: list[str], tokenizer) -> str:
     config, options = run.config, cmd.export
     base = config.model.name_or_path
     hub_id = not Path(base).expanduser().exists()

@@ -54,8 +54,8 @@ def probe(config: Config, tokenizer, samples: int, seq_len: int) -> Probe:
 
     seq_len = min(seq_len, config.train.seq_len)
     try:
-        loaded = qdata.load(config.data, tokenizer, config.train.seq_len, config.seed,
-                            Path(config.cache_dir).expanduser())
+        loaded = qdata.load(config.data, tokenizer, seq_len=config.train.seq_len, seed=config.seed,
+                            cache_dir=Path(config.cache_dir).expanduser())
         examples = loaded.eval or loaded.train
         where = "eval split" if loaded.eval else "training data (the run had no eval split)"
     except (QloraError, OSError) as e:

@@ -282,6 +282,7 @@ def test_csv_and_parquet_give_the_same_samples_as_json(tmp_path, bpe, suffix):
     assert [e.input_ids.tolist() for e in examples] == [e.input_ids.tolist() for e in expected]
 
 
+@pytest.mark.slow
 def test_reads_the_shared_alpaca_sample(bpe):
     from tests.runs import ALPACA_5000
 
@@ -307,6 +308,7 @@ def _alpaca_file(tmp_path, lengths: list[int]) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_seq_len_auto_holds_99_percent_of_the_samples_capped_by_the_model(tmp_path, bpe, tiny_config):
     lengths = [8] * 297 + [150, 160, 1000]  # 3 long outliers of 300: 1% may be cut
     config = tiny_config("train.seq_len=auto", f"data.path={_alpaca_file(tmp_path, lengths)}", "data.cache=false")
@@ -327,7 +329,7 @@ def test_held_out_samples_are_prompts_as_trained_with_their_answers(tmp_path, bp
     path = tmp_path / "a.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = DataConfig(path=str(path), eval_fraction=0.25, cache=False)
-    data = qdata.load(cfg, bpe, 256, 42, None)
+    data = qdata.load(cfg, bpe, seq_len=256, seed=42, cache_dir=None)
     samples = qdata.held_out_samples(data, cfg, 3)
     assert len(samples) == 3
     for sample, example in zip(samples, data.eval, strict=False):

@@ -8,12 +8,12 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from qlora import data as qdata
+from qlora.attention import check_packed_attention
 from qlora.config import DataConfig, DataFormat
 from qlora.data.batches import split_by_record
 from qlora.demo import build_demo_tokenizer, demo_records
 from qlora.errors import QloraError
 from qlora.evaluation import token_loss_sum
-from qlora.train import check_packed_attention
 
 IGNORE = qdata.IGNORE_INDEX
 

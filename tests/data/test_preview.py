@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from tests.runs import TINY, qlora_cli
+
+pytestmark = pytest.mark.slow  # each test runs `python -m qlora data preview` (seconds of imports)
 
 
 def preview(tmp_path, *overrides, env=None):

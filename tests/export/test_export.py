@@ -24,6 +24,8 @@ from qlora.runfolder import read_trained
 from qlora.train import run
 from tests.runs import TINY, qlora_cli
 
+pytestmark = pytest.mark.slow  # trained runs exported and generated from
+
 PROMPT = "What sound does a cow make?"
 SETUPS = {
     "llama": ["data.format=alpaca"],

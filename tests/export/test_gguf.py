@@ -22,6 +22,8 @@ from qlora.errors import QloraError
 from qlora.export import gguf_file
 from qlora.export.gguf_file import GGUF_TYPES, load_gguf_model, write_gguf
 
+pytestmark = pytest.mark.slow  # every test exports tiny models to GGUF and loads them back
+
 SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128)
 TEXTS = [

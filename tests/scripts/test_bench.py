@@ -41,6 +41,7 @@ def nf4_dq_bits(shapes: list[tuple[int, int]]) -> float:
     return 8 * total / weights
 
 
+@pytest.mark.slow
 def test_tiny_side_by_side_run(tmp_path):
     # Real Alpaca records where ../shared is beside the checkout; else the demo's generated ones, same layout.
     records = json.loads(SHARED.read_text())[:400] if SHARED.is_file() else demo_records()

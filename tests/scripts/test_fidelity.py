@@ -7,8 +7,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from qlora import demo
 from tests.runs import REPO
+
+pytestmark = pytest.mark.slow  # pretrains and fine-tunes through scripts/fidelity.py
 
 
 def test_fidelity_script_reproduces_the_papers_orderings(tmp_path):

@@ -18,7 +18,7 @@ from qlora.composition import (
 from qlora.config import ArchitectureConfig, Config, OptimizerName, QuantMethod, builds_scratch_model, validate
 from qlora.config.assets import group_options
 from qlora.errors import ConfigError
-from tests.runs import qlora_cli
+from tests.runs import REPO, qlora_cli
 
 GROUPS = ["model", "quant", "lora", "data", "optim", "train", "dist"]
 
@@ -60,7 +60,11 @@ def test_every_recipe_composes(recipe, tmp_path):
         assert set(config.model.architecture.given()) == {f.name for f in dataclasses.fields(ArchitectureConfig)}
 
 
-@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+# A compose is about 0.7 s of CPU. In the slow tier: the model options (each hub one is composed by its recipe above)
+# and the quant and optim ones (composed, and checked for their meaning, by the two tests below).
+@pytest.mark.parametrize("group,option", [pytest.param(g, o, marks=pytest.mark.slow)
+                                          if g in ("model", "quant", "optim") else (g, o)
+                                          for g in GROUPS for o in options(g)])
 def test_every_group_option_composes(group, option, tmp_path):
     overrides = [f"{group}={option}", f"output_dir={tmp_path}/out", f"cache_dir={tmp_path}"]
     if option == "custom" or (group == "model" and not option.startswith("tiny")):  # recipe=custom: own data
@@ -199,12 +203,14 @@ def test_sweep_expansion_covers_every_value():
     assert all("optim.lr=1e-4" in r for r in values)
 
 
+# One `python -m qlora` each (seconds of imports): the fast tier keeps a composition error and a bad command.
 @pytest.mark.parametrize("args,expected", [
     (["train", "lora.rr=3"], "qlora: config error: unknown config key 'lora.rr'"),
-    (["train", "quant=nf5"], "qlora: config error: unknown quant 'nf5'"),
-    (["train", "+foo=1"], "qlora: config error: '+foo=1': the config schema is fixed"),
-    (["train", "-m", "lora.r=8,abc"], "qlora: config error: lora.r: Value 'abc'"),
-    (["train", "lora.r=-1"], "qlora: config error: lora.r must be > 0 (got -1)"),
+    pytest.param(["train", "quant=nf5"], "qlora: config error: unknown quant 'nf5'", marks=pytest.mark.slow),
+    pytest.param(["train", "+foo=1"], "qlora: config error: '+foo=1': the config schema is fixed",
+                 marks=pytest.mark.slow),
+    pytest.param(["train", "-m", "lora.r=8,abc"], "qlora: config error: lora.r: Value 'abc'", marks=pytest.mark.slow),
+    pytest.param(["train", "lora.r=-1"], "qlora: config error: lora.r must be > 0 (got -1)", marks=pytest.mark.slow),
     (["frobnicate"], "qlora: unknown command 'frobnicate'"),
 ])
 def test_cli_errors_are_one_line_exit_2_and_write_nothing(args, expected, tmp_path):
@@ -216,6 +222,7 @@ def test_cli_errors_are_one_line_exit_2_and_write_nothing(args, expected, tmp_pa
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_cli_refuses_to_touch_a_previous_run(tmp_path):
     run = tmp_path / "runs" / "a"
     (run / "adapter").mkdir(parents=True)
@@ -228,6 +235,7 @@ def test_cli_refuses_to_touch_a_previous_run(tmp_path):
     assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == b"precious"
 
 
+@pytest.mark.slow
 def test_cfg_job_prints_the_config_and_loads_nothing(tmp_path):
     result = qlora_cli("train", "--cfg", "job", "lora.r=32", f"output_dir={tmp_path}/out", f"cache_dir={tmp_path}/c",
                        cwd=tmp_path)
@@ -236,6 +244,7 @@ def test_cfg_job_prints_the_config_and_loads_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_recipes_lists_each_with_its_description(tmp_path):
     result = qlora_cli("recipes", cwd=tmp_path)
     assert result.returncode == 0
@@ -244,13 +253,14 @@ def test_recipes_lists_each_with_its_description(tmp_path):
     assert all(len(line.split(maxsplit=1)) == 2 for line in lines)
 
 
+@pytest.mark.slow
 def test_help_works_without_loading_torch(tmp_path):
     import subprocess
     import sys
 
     code = ("import sys, qlora.cli; qlora.cli.main(['--help']); qlora.cli.main(['recipes']); "
             "print('torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0 and out.stdout.strip().endswith("False"), out.stdout + out.stderr
 
 
@@ -258,7 +268,7 @@ def test_config_reference_is_current():
     import subprocess
     import sys
 
-    root = Path(__file__).resolve().parents[1]
+    root = REPO
     check = subprocess.run([sys.executable, "scripts/config_reference.py", "--check"], cwd=root, capture_output=True,
                            text=True)
     assert check.returncode == 0, check.stderr
