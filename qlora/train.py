@@ -159,10 +159,7 @@ def _run(config: Config, accelerator: Accelerator, resumed: checkpoint.Checkpoin
         pad_id=tokenizer.pad_token_id, seed=config.seed, num_workers=config.train.num_workers,
         rank=accelerator.process_index, world=processes)
 
-    model, base, checkpointed = _setup_model(config, device, memory_plan=memory_plan)
-    if resumed is None:  # a resumed run restores its adapter instead
-        init_adapter(model, config.lora, config.model)
-    neftune.attach(model, config.train.neftune_alpha)
+    model, base, checkpointed = _setup_model(config, device, memory_plan=memory_plan, fresh=resumed is None)
     trainable_count, total_count = model.get_nb_trainable_parameters()
     parameters = {"base": total_count - trainable_count, "quantized": base.quantized_params if base else 0,
                   "trainable": trainable_count}
@@ -249,9 +246,9 @@ def _setup_data(config: Config, tokenizer, accelerator: Accelerator, *,
     return config, data
 
 
-def _setup_model(config: Config, device: torch.device, *, memory_plan: Plan | None):
-    """The base, quantized and frozen, with LoRA attached; its quantization report (None when unquantized) and the
-    number of layers gradient checkpointing recomputes (None: all)."""
+def _setup_model(config: Config, device: torch.device, *, memory_plan: Plan | None, fresh: bool):
+    """The base, quantized and frozen, with LoRA attached (initialised per lora.init when `fresh`, not resumed);
+    its quantization report (None when unquantized) and the layers gradient checkpointing recomputes (None: all)."""
     t0 = time.perf_counter()
     model = load_base_model(config.model, config.quant, device,
                             distributed.storage_dtype(config.dist, compute_dtype(config.quant, device)))
@@ -262,7 +259,11 @@ def _setup_model(config: Config, device: torch.device, *, memory_plan: Plan | No
         model = prepare_kbit(model, config.train.float32_embeddings, config.lora.modules_to_save)
     checkpointed = enable_checkpointing(model, checkpointed_layers(config, device.type, memory_plan))
     model.config.use_cache = False
-    return attach_lora(model, config.lora), base, checkpointed
+    model = attach_lora(model, config.lora)
+    if fresh:
+        init_adapter(model, config.lora, config.model)
+    neftune.attach(model, config.train.neftune_alpha)
+    return model, base, checkpointed
 
 
 def _setup_optimizer(model, optim: OptimConfig, train: TrainConfig, *, device: torch.device, processes: int):
@@ -303,7 +304,7 @@ def train_loop(training: Training, state: TrainState) -> None:
     (raising QloraError) unless train.on_nonfinite_loss=skip.
     """
     cfg, accelerator = training.config.train, training.accelerator
-    batches = _batches(training.train_loader, training.sampler, state)
+    batches = qdata.batches_from(training.train_loader, training.sampler, state)
     trainable = [p for p in training.model.parameters() if p.requires_grad]
     evaluate_now = training.eval_loader is not None and cfg.eval_every_steps > 0
     progress = Progress(cfg, accelerator.is_main_process, state.step)
@@ -438,14 +439,3 @@ def _evaluate(training: Training) -> float:
                  loss=training.loss).mean_loss
     training.eval_seconds += time.perf_counter() - t0
     return loss
-
-
-def _batches(loader, sampler: qdata.LengthGroupedBatches, state: TrainState):
-    """Batches forever from the data position in `state` (epoch, batch), which advances with each one."""
-    while True:
-        sampler.start_at(state.epoch, state.batch)
-        for batch in loader:
-            state.batch += 1
-            yield batch
-        state.epoch += 1
-        state.batch = 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -40,9 +41,9 @@ from qlora.data.records import Source, read_source
 
 __all__ = [
     "CHAT_TEMPLATES", "IGNORE_INDEX", "Collator", "DataStats", "Example", "HeldOutSample", "LengthGroupedBatches",
-    "Source", "TokenizedData", "alpaca_chat_template", "alpaca_prompt", "encode", "eval_batches", "first_batch",
-    "held_out_samples", "load", "loaders", "model_inputs", "pack", "padding_fraction", "prompt_ids", "read_source",
-    "stop_token_ids", "unpacked", "use_chat_template", "with_seq_len",
+    "Source", "TokenizedData", "alpaca_chat_template", "alpaca_prompt", "batches_from", "encode", "eval_batches",
+    "first_batch", "held_out_samples", "load", "loaders", "model_inputs", "pack", "padding_fraction", "prompt_ids",
+    "read_source", "stop_token_ids", "unpacked", "use_chat_template", "with_seq_len",
 ]
 
 log = logging.getLogger(__name__)
@@ -176,6 +177,18 @@ def first_batch(loader: torch.utils.data.DataLoader) -> dict[str, torch.Tensor]:
     """The loader's first training batch, without advancing its epoch."""
     first = loader.batch_sampler.batches(loader.batch_sampler.epoch)[0]
     return loader.collate_fn([loader.dataset[i] for i in first])
+
+
+def batches_from(loader: torch.utils.data.DataLoader, sampler: LengthGroupedBatches, position) -> Iterator[dict]:
+    """Batches forever from a data position (`position.epoch`, `position.batch`: a run's TrainState), advancing it
+    with each batch drawn."""
+    while True:
+        sampler.start_at(position.epoch, position.batch)
+        for batch in loader:
+            position.batch += 1
+            yield batch
+        position.epoch += 1
+        position.batch = 0
 
 
 def prompt_ids(text: str, cfg: DataConfig, tokenizer) -> list[int]:
