@@ -31,7 +31,10 @@ Figures, defined identically for both sides:
                       this one, so it includes fetching and collating the batch); also the 90th percentile of the
                       steps' own rates, which other jobs on a shared machine disturb least
   peak memory         torch.cuda.max_memory_allocated on a GPU; the process's peak resident set on a CPU (VmHWM,
-                      not ru_maxrss: see `qlora.memory.peak_bytes`)
+                      not ru_maxrss: see `qlora.memory.peak_bytes`); on a GPU also torch.cuda.max_memory_reserved
+                      (what the caching allocator held: the figure another process on the card sees taken)
+  memory plan         (qlora) the peak qlora's memory plan estimated before loading (summary.json's
+                      planned_memory_gb), beside the measured peak
   time to first step  wall time from the start of the side's work (after `import torch`, which both share) until
                       the quantized base is loaded with LoRA attached: the stack's own imports, reading the
                       config, tokenizer and tokenized data, loading and quantizing the weights, k-bit preparation
@@ -241,6 +244,27 @@ def longest_fitting(fits: Callable[[int], bool], start: int, cap: int, granulari
             bad = mid
 
 
+def coarse_longest(fits: Callable[[str, int], bool], points: list[int], sides: tuple[str, ...] = SIDES,
+                   found: dict[str, Longest] | None = None) -> dict[str, Longest]:
+    """Each side's longest of a few `points` (ascending, tried in turn, both sides at each point before the next)
+    for which `fits(side, n)` holds; a side drops out at its first failure. `found` (filled in as probes end, so
+    a caller stopped part way keeps what was measured) is returned."""
+    found = {} if found is None else found
+    for side in sides:
+        found[side] = Longest(0, False)
+    for n in sorted(points):
+        for side in sides:
+            mine = found[side]
+            if mine.probes and not mine.probes[-1][1]:
+                continue
+            ok = fits(side, n)
+            mine.probes.append((n, ok))
+            if ok:
+                mine.seq_len = n
+            mine.capped = ok and n == max(points)
+    return found
+
+
 def steady_rate(tokens: list[int], seconds: list[float], warmup_steps: int) -> float:
     """Tokens per second over the steps after the first `warmup_steps` (one entry per step, in order)."""
     if len(tokens) != len(seconds) or len(tokens) <= warmup_steps:
@@ -417,6 +441,9 @@ def measure_qlora(spec: dict, started: float) -> dict:
     return {
         "tokens_per_s": steady_rate(tokens, seconds, spec["warmup_steps"]),
         "peak_memory_bytes": memory.peak_bytes(device),
+        "peak_reserved_bytes": torch.cuda.max_memory_reserved() if device.type == "cuda" else None,
+        "planned_memory_bytes": (summary["planned_memory_gb"] * 2**30 if summary["planned_memory_gb"] is not None
+                                 else None),
         "time_to_first_step_s": logged["lora"][0] - started,
         "time_to_training_s": logged["step 1"][0] - seconds[0] - started if logged["step 1"] else None,
         "bits_per_quantized_param": report.bits_per_quantized_param,
@@ -523,6 +550,7 @@ def measure_baseline(spec: dict, started: float) -> dict:
     return {
         "tokens_per_s": steady_rate(clock.tokens, clock.seconds, spec["warmup_steps"]),
         "peak_memory_bytes": memory.peak_bytes(torch.device("cuda" if cuda else "cpu")),
+        "peak_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
         "time_to_first_step_s": time_to_first_step,
         "time_to_training_s": clock.first - started,
         "bits_per_quantized_param": report.bits_per_quantized_param,
@@ -574,6 +602,10 @@ def child(task: str, spec_path: Path, result_path: Path) -> None:
 # The parent: set up once, alternate the sides, report.
 
 
+class OutOfTime(Exception):
+    """A run would end past `Bench.deadline`: it was not started, or was stopped."""
+
+
 class Bench:
     """One invocation: its working folder, the model built there, and the processes it runs."""
 
@@ -587,6 +619,9 @@ class Bench:
         """Overrides added to qlora's config (--qlora)."""
         self.model_dir = work / "model"
         self.count = 0
+        self.deadline: float | None = None
+        """time.monotonic() by which every run must have ended (None: no limit); a run still going then is killed
+        and OutOfTime raised (scripts/gpu_check.py's time budget)."""
 
     def run(self, task: str, spec: dict) -> dict:
         """Run `task` (a side, or "build") per `spec` in a new process; its result (exits with the end of its log
@@ -598,8 +633,15 @@ class Bench:
         command = [sys.executable, str(Path(__file__).resolve()), "--child", task, "--spec", str(spec_path),
                    "--result", str(result_path)]
         env = {**self.env, **self.malloc(task)}
+        timeout = None if self.deadline is None else self.deadline - time.monotonic()
+        if timeout is not None and timeout <= 0:
+            raise OutOfTime(f"no time left for the {task} run")
         with log_path.open("w") as log:
-            status = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO).returncode
+            try:
+                status = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                        timeout=timeout).returncode
+            except subprocess.TimeoutExpired:
+                raise OutOfTime(f"the {task} run was stopped at the deadline, after {timeout:.0f} s") from None
         if status != 0 or not result_path.is_file():
             tail = "\n".join(log_path.read_text().splitlines()[-30:])
             raise SystemExit(f"bench: the {task} run failed (exit status {status}); end of {log_path}:\n{tail}")
@@ -634,13 +676,13 @@ class Bench:
         return dataset, settings, sequences
 
 
-def compare(bench: Bench, workload: Workload, data: Path) -> tuple[dict, dict]:
-    """Alternate measured runs of the two sides; every run's figures by side, and the baseline's settings."""
+def compare(bench: Bench, workload: Workload, data: Path, sides: tuple[str, ...] = SIDES) -> tuple[dict, dict]:
+    """Alternate measured runs of the `sides`; every run's figures by side, and the baseline's settings."""
     dataset, settings, sequences = bench.tokenize(workload, data)
-    note(f"{sequences} training sequences; {workload.repeats} x (qlora, baseline), {workload.max_steps} steps each")
-    runs: dict[str, list[dict]] = {side: [] for side in SIDES}
+    note(f"{sequences} training sequences; {workload.repeats} x ({', '.join(sides)}), {workload.max_steps} steps each")
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
     for repeat in range(workload.repeats):
-        for side in SIDES:
+        for side in sides:
             result = bench.measure(side, workload, data, dataset, settings, workload.warmup_steps)
             runs[side].append(result)
             note(f"run {repeat + 1}/{workload.repeats} {side}: {result['tokens_per_s']:,.0f} tokens/s, "
@@ -667,8 +709,9 @@ def find_longest(bench: Bench, workload: Workload, data: Path, cap: int, granula
     return {side: longest_fitting(lambda n, side=side: fits(side, n), start, cap, granularity) for side in SIDES}
 
 
-FIGURES = ["tokens_per_s", "tokens_per_s_p90", "peak_memory_bytes", "time_to_first_step_s", "time_to_training_s",
-           "bits_per_quantized_param", "base_bytes", "mfu", "tokens_per_step", "trainable_params"]
+FIGURES = ["tokens_per_s", "tokens_per_s_p90", "peak_memory_bytes", "peak_reserved_bytes", "planned_memory_bytes",
+           "time_to_first_step_s", "time_to_training_s", "bits_per_quantized_param", "base_bytes", "mfu",
+           "tokens_per_step", "trainable_params"]
 
 
 def table(report: dict) -> str:
@@ -689,6 +732,13 @@ def table(report: dict) -> str:
         if figure not in ratios:
             return f"| {label} | n/a | n/a | n/a |"
         return f"| {label} | {' | '.join(each(figure, fmt))} | {ratios[figure]:.{digits}f} |"
+
+    def planned() -> str:
+        plan = medians["qlora"].get("planned_memory_bytes")
+        if plan is None:
+            return "| qlora's memory plan for its peak (plan / measured) | n/a | not planned | |"
+        return (f"| qlora's memory plan for its peak (plan / measured) | {size(plan)} "
+                f"({plan / medians['qlora']['peak_memory_bytes']:.2f}) | not planned | |")
 
     def recomputed(side: str) -> str:
         counts = sorted({r["recomputed_layers"] for r in runs[side]})
@@ -724,6 +774,8 @@ def table(report: dict) -> str:
             lambda v: f"{v:,.0f}"),
         row("peak memory (" + ("CUDA max allocated" if report["cuda"] else "peak resident set") + ")",
             "peak_memory_bytes", size),
+        *([row("peak memory reserved (CUDA max reserved)", "peak_reserved_bytes", size)] if report["cuda"] else []),
+        planned(),
         row("time to first step (start to quantized base with LoRA)", "time_to_first_step_s", lambda v: f"{v:.1f} s"),
         row("time to training (start to the first step's start)", "time_to_training_s", lambda v: f"{v:.1f} s"),
         row("bits per quantized parameter", "bits_per_quantized_param", lambda v: f"{v:.3f}", digits=3),
@@ -869,8 +921,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def benchmark(bench: Bench, workload: Workload, args: argparse.Namespace, data: Path, cuda: bool) -> dict:
-    """Build the model, run both sides (and the --longest search); every figure, as the JSON report holds them."""
+def benchmark(bench: Bench, workload: Workload, args: argparse.Namespace, data: Path, cuda: bool,
+              reuse: dict[str, list[dict]] | None = None) -> dict:
+    """Build the model, run both sides (and the --longest search); every figure, as the JSON report holds them.
+
+    `reuse`: runs of a side measured before (an earlier report's "runs", same workload and device) that are taken
+    as they are instead of running that side again (scripts/gpu_check.py's second qlora setting, against the
+    baseline of the first)."""
     # The code measured is the checkout's at the start; one whose qlora/ or configs/ change during the run is flagged.
     measured, found_versions = code_state(), versions()
     if workload.shape is None:
@@ -885,7 +942,9 @@ def benchmark(bench: Bench, workload: Workload, args: argparse.Namespace, data: 
     from transformers import AutoConfig
 
     arch = AutoConfig.from_pretrained(bench.model_dir)
-    runs, settings = compare(bench, workload, data)
+    reuse = reuse or {}
+    runs, settings = compare(bench, workload, data, tuple(s for s in SIDES if s not in reuse))
+    runs = {side: reuse.get(side) or runs[side] for side in SIDES}
     device = runs["qlora"][0]["device"]
     flops = flops_per_token(arch, workload.seq_len)
     peak = args.peak_flops or (peak_flops_of(device) if cuda else None)
@@ -913,6 +972,7 @@ def benchmark(bench: Bench, workload: Workload, args: argparse.Namespace, data: 
         "vocab_size": arch.vocab_size,
         "settings": settings,
         "qlora_overrides": list(bench.qlora_extra),
+        "reused_runs": sorted(reuse),
         "malloc": {side: bench.malloc(side) for side in SIDES},
         "flops_per_token": flops,
         "peak_flops": peak,

@@ -63,6 +63,11 @@ def test_tiny_side_by_side_run(tmp_path):
             assert math.isfinite(run[figure]) and run[figure] > 0, (side, figure)
         assert run["steps"] == len(run["step_tokens"]) == len(run["step_seconds"]) == 4
         assert run["time_to_training_s"] > run["time_to_first_step_s"]
+        assert run["peak_reserved_bytes"] is None  # CUDA's caching allocator only
+    # qlora's memory plan is reported beside its measured peak (resident set here): within a factor of 2 of it.
+    plan = runs["qlora"][0]["planned_memory_bytes"]
+    assert 0.5 < plan / runs["qlora"][0]["peak_memory_bytes"] < 2
+    assert "planned_memory_bytes" not in runs["baseline"][0] and "planned_memory_bytes" not in ratios
     # Both bases are measured by the same function: tiny layers (64 x 64, 32 x 64, 128 x 64, 64 x 128) have
     # partial double-quant blocks, so 4.137 here rather than the paper's 4.127.
     layer = [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)]
@@ -137,3 +142,21 @@ def test_rates_leave_out_the_warm_up_steps():
     tokens = [1] + [100 * k for k in range(1, 11)]
     assert bench.least_disturbed_rate(tokens, [100.0] + [1.0] * 10, warmup_steps=1) == pytest.approx(910)
     assert bench.steady_rate(tokens, [100.0] + [1.0] * 10, warmup_steps=1) == 550
+
+
+def test_coarse_longest_tries_each_point_until_a_side_runs_out():
+    tried = []
+
+    def fits(side: str, n: int) -> bool:
+        tried.append((side, n))
+        return n <= {"qlora": 40000, "baseline": 9000}[side]
+
+    found = bench.coarse_longest(fits, [32768, 8192, 65536])
+    # Both sides at each point before the next; the baseline drops out at its first failure.
+    assert tried == [("qlora", 8192), ("baseline", 8192), ("qlora", 32768), ("baseline", 32768), ("qlora", 65536)]
+    assert found["qlora"] == bench.Longest(32768, False, [(8192, True), (32768, True), (65536, False)])
+    assert found["baseline"] == bench.Longest(8192, False, [(8192, True), (32768, False)])
+    assert bench.coarse_longest(lambda side, n: True, [256, 512])["qlora"] == bench.Longest(
+        512, True, [(256, True), (512, True)])
+    none = bench.coarse_longest(lambda side, n: False, [256, 512])
+    assert none["baseline"] == bench.Longest(0, False, [(256, False)])
