@@ -1,5 +1,5 @@
 # The two commands in the README. Both set up .venv first (scripts/setup.sh), then do their one job.
-.PHONY: demo test test-fast setup lint test-latest lock
+.PHONY: demo test test-fast setup lint test-latest lock gpu-check gpu-check-dry
 
 demo: setup
 	.venv/bin/qlora train
@@ -27,3 +27,11 @@ test-latest:
 # Record .venv's versions (all but torch, which setup.sh picks per machine) as the ones set-up installs.
 lock: setup
 	.venv/bin/python -m pip freeze --exclude-editable | grep -v '^torch==' > constraints.txt
+
+# On a lent GPU machine, in the project root (docs/benchmarks.md, "GPU check"): versions, GPU tests, bench, longest
+# probe in a 360 s budget; OUT=folder for the figures. gpu-check-dry: the same script on the CPU, tiny workload.
+gpu-check:
+	scripts/gpu_check.sh $(OUT)
+
+gpu-check-dry: setup
+	PYTHON=.venv/bin/python scripts/gpu_check.sh --dry-run $(or $(OUT),gpu-check-dry)
