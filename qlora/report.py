@@ -122,7 +122,7 @@ def report_finished_run(run_dir: Path) -> None:
     try:
         png, html = write_report(run_dir)
         log.info("report: %s (and %s)", html, png.name)
-    except (QloraError, OSError, ValueError) as e:
+    except (QloraError, OSError, ValueError, ImportError) as e:  # ImportError: no matplotlib
         log.warning("the run finished, but its report could not be written (%s); "
                     "qlora report %s retries", first_line(e), run_dir)
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -121,6 +123,18 @@ def test_not_a_run_folder_is_an_error(tmp_path):
     (tmp_path / "bad" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n')
     with pytest.raises(QloraError, match="unreadable"):
         write_report(tmp_path / "bad")
+
+
+def test_a_machine_without_matplotlib_finishes_the_run_with_a_warning(tmp_path, monkeypatch, caplog):
+    # GPU images often lack matplotlib; the report is the run's last act and must not fail a finished run.
+    folder = hand_written(tmp_path / "run", [{"step": s, "loss": 3.0 - 0.1 * s} for s in (1, 5, 10)])
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib...` raises ImportError
+    with caplog.at_level(logging.WARNING, logger="qlora.report"):
+        report.report_finished_run(folder)
+    assert "the run finished, but its report could not be written (" in caplog.text
+    assert not (folder / "report.png").exists()
 
 
 @pytest.mark.slow
