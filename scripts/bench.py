@@ -806,11 +806,16 @@ def note(message: str) -> None:
 
 def versions() -> dict[str, str]:
     """Python's and the packages' versions, and the checkout's commit."""
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
+
+    import qlora
 
     found = {"python": platform.python_version()}
     for package in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "qlora"):
-        found[package] = version(package)
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:  # qlora from a checkout on PYTHONPATH, not installed (a lent GPU machine)
+            found[package] = qlora.__version__ if package == "qlora" else "not installed"
     found["qlora commit"] = commit()
     return found
 
