@@ -32,7 +32,10 @@ REPO = Path(__file__).resolve().parents[1]
 DATA_CANDIDATES = [REPO / ".gpu-data" / "alpaca_5000.json", REPO.parent / "shared" / "data" / "alpaca_5000.json"]
 """Where the bench's Alpaca records are looked for: carried with the checkout (.gpu-data/, ignored), or beside it."""
 PACKAGES = ["torch", "transformers", "peft", "accelerate", "bitsandbytes", "hydra-core", "omegaconf", "datasets",
-            "safetensors", "tokenizers", "numpy", "tqdm", "matplotlib", "tensorboard", "gguf", "pytest"]
+            "pyarrow", "pandas", "xxhash", "fsspec", "safetensors", "tokenizers", "numpy", "tqdm", "matplotlib",
+            "tensorboard", "gguf", "pytest"]
+"""Reported with their versions, or as missing: datasets' own dependencies (pyarrow, pandas, xxhash, fsspec) are
+not in the wheelhouse, and the bench hands the baseline its data as a datasets.Dataset."""
 
 VERSIONS = """
 import json, platform, sys
