@@ -690,10 +690,9 @@ def compare(bench: Bench, workload: Workload, data: Path, sides: tuple[str, ...]
     return runs, settings
 
 
-def find_longest(bench: Bench, workload: Workload, data: Path, cap: int, granularity: int) -> dict[str, Longest]:
-    """Each side's longest trainable seq_len at micro batch 1 (two steps on sequences of exactly that length)."""
-    long_data = bench.work / "long.json"
-    write_long_records(data, long_data, cap)
+def probe_fits(bench: Bench, workload: Workload, long_data: Path, say: Callable[[str], None] | None = None):
+    """fits(side, seq_len): whether two steps of `side` at that seq_len and micro batch 1, on `long_data`, train
+    without running out of memory (each length tokenized once; each answer said through `say`, default `note`)."""
     prepared: dict[int, tuple[Path, dict]] = {}
 
     def fits(side: str, seq_len: int) -> bool:
@@ -702,9 +701,17 @@ def find_longest(bench: Bench, workload: Workload, data: Path, cap: int, granula
             prepared[seq_len] = bench.tokenize(probe, long_data, probe=True)[:2]
         dataset, settings = prepared[seq_len]
         result = bench.measure(side, probe, long_data, dataset, settings, warmup_steps=1, probe=True)
-        note(f"longest: {side} at seq_len {seq_len}: {'out of memory' if result.get('oom') else 'fits'}")
+        (say or note)(f"longest: {side} at seq_len {seq_len}: {'out of memory' if result.get('oom') else 'fits'}")
         return not result.get("oom")
 
+    return fits
+
+
+def find_longest(bench: Bench, workload: Workload, data: Path, cap: int, granularity: int) -> dict[str, Longest]:
+    """Each side's longest trainable seq_len at micro batch 1 (two steps on sequences of exactly that length)."""
+    long_data = bench.work / "long.json"
+    write_long_records(data, long_data, cap)
+    fits = probe_fits(bench, workload, long_data)
     start = min(max(granularity, workload.seq_len // granularity * granularity), cap)
     return {side: longest_fitting(lambda n, side=side: fits(side, n), start, cap, granularity) for side in SIDES}
 

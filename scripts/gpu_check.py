@@ -226,18 +226,7 @@ def part_longest(check: Check, bench, args: argparse.Namespace, data: Path, work
     workload = reports["workload"]
     long_data = work / "long.json"
     bench.write_long_records(data, long_data, max(args.points))
-    prepared: dict[int, tuple] = {}
-
-    def fits(side: str, seq_len: int) -> bool:
-        probe = replace(workload, seq_len=seq_len, micro_batch_size=1, max_steps=2)
-        if seq_len not in prepared:
-            prepared[seq_len] = b.tokenize(probe, long_data, probe=True)[:2]
-        dataset, settings = prepared[seq_len]
-        result = b.measure(side, probe, long_data, dataset, settings, warmup_steps=1, probe=True)
-        print(f"gpu-check: longest: {side} at seq_len {seq_len}: {'out of memory' if result.get('oom') else 'fits'}",
-              flush=True)
-        return not result.get("oom")
-
+    fits = bench.probe_fits(b, workload, long_data, say=lambda line: print(f"gpu-check: {line}", flush=True))
     found: dict = {}
     status, note = "ok", ""
     try:
