@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -226,3 +227,25 @@ def _shape_dict(shape: ScratchModelConfig) -> dict:
     if shape.architecture == ScratchArchitecture.llama:  # older builds, all Llama, lack the key
         del shape_dict["architecture"]
     return shape_dict
+
+
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+
+
+def concise_pairs(records: list[dict], *, max_chars: int = 400) -> list[dict]:
+    """Preference pairs that teach conciseness, from Alpaca records: for each record whose output has two or more
+    sentences (and at most `max_chars` characters), the chosen answer is its first sentence and the rejected one the
+    whole output. In the chat layout (chosen / rejected message lists sharing the user turn), so an instruct model
+    sees them in its own chat template. The behaviour is visible in greedy answers: they stop after a sentence."""
+    pairs = []
+    for record in records:
+        output = (record.get("output") or "").strip()
+        sentences = SENTENCE_END.split(output)
+        if len(sentences) < 2 or len(output) > max_chars or len(sentences[0]) < 20:
+            continue
+        context = (record.get("input") or "").strip()
+        request = f"{record['instruction']}\n\n{context}" if context else record["instruction"]
+        asked = {"role": "user", "content": request}
+        pairs.append({"chosen": [asked, {"role": "assistant", "content": sentences[0]}],
+                      "rejected": [asked, {"role": "assistant", "content": output}]})
+    return pairs

@@ -26,7 +26,16 @@ import torch
 import torch.nn.functional as F
 
 from qlora import data as qdata
-from qlora.config import Config, DataConfig, EvalCommand, EvalSubset, ModelConfig, is_data_file, validate_eval
+from qlora.config import (
+    Config,
+    DataConfig,
+    DataFormat,
+    EvalCommand,
+    EvalSubset,
+    ModelConfig,
+    is_data_file,
+    validate_eval,
+)
 from qlora.config.assets import quant_option
 from qlora.config.checks import ONE_TARGET
 from qlora.device import default_device
@@ -176,6 +185,8 @@ def evaluate(cmd: EvalCommand, out=None) -> Report:
     loaded = qdata.load(cmd.data, target.tokenizer, seq_len=target.seq_len, seed=target.seed,
                         cache_dir=target.cache_dir)
     examples, which = select(loaded, subset, cmd.data)
+    if cmd.data.format == DataFormat.preference:  # (chosen, rejected) pairs, in record order: the preferred answers
+        examples, which = examples[::2], f"{which}, chosen answers"
     limit = cmd.max_sequences
     if limit is None and target.own_data and subset == EvalSubset.eval:
         limit = target.config.train.eval_max_sequences  # as training scored it: the same figure

@@ -32,9 +32,14 @@ PROBE_TOKENS = 8
 
 def loss_inputs(batch: dict[str, torch.Tensor], device: torch.device, rows: int | None = None,
                 tokens: int | None = None) -> dict[str, torch.Tensor]:
-    """`CausalLMLoss`'s arguments for a collated batch (or its first rows x tokens), on `device`."""
-    batch = {k: v[:rows, :tokens].to(device, non_blocking=True) for k, v in batch.items()}
-    return {**model_inputs(batch), "labels": batch["labels"]}
+    """The loss module's arguments for a collated batch (or its first rows x tokens), on `device`: the model's inputs,
+    the labels, and a preference batch's precomputed reference log-probs."""
+    batch = {k: (v[:rows] if v.dim() == 1 else v[:rows, :tokens]).to(device, non_blocking=True)
+             for k, v in batch.items()}
+    inputs = {**model_inputs(batch), "labels": batch["labels"]}
+    if "reference_logps" in batch:
+        inputs["reference_logps"] = batch["reference_logps"]
+    return inputs
 
 
 class CausalLMLoss(nn.Module):
@@ -80,6 +85,32 @@ class CausalLMLoss(nn.Module):
         return chunked_token_loss_sum(hidden, labels, head, self.chunk_tokens, softcap=self.softcap)
 
 
+    def sequence_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                       position_ids: torch.Tensor | None = None, *, labels: torch.Tensor,
+                       **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's summed log-probability of its trained tokens (float32), and how many there are: the
+        per-sequence scores preference objectives compare. Computed as forward computes the loss (in chunks of
+        chunk_tokens trained positions when set, never holding the full logits)."""
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, **kwargs}
+        targets = labels[:, 1:]
+        trained = targets != IGNORE_INDEX
+        if not self.chunk_tokens:
+            logits = self.model(**inputs).logits[:, :-1]
+            logits = logits if logits.dtype == torch.float64 else logits.float()
+            losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1).to(logits.device),
+                                     ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
+            return -losses.sum(-1), trained.sum(-1)
+        decoder, head = _decoder_and_head(_base_model(self.model))
+        hidden = decoder(**{**inputs, "use_cache": False}).last_hidden_state
+        rows, picked = hidden[:, :-1][trained], targets[trained]
+        losses = torch.cat([checkpoint(_chunk_token_losses, head, r, t, self.softcap, use_reentrant=False)
+                            for r, t in zip(rows.split(self.chunk_tokens), picked.split(self.chunk_tokens),
+                                            strict=True)])
+        row_of = trained.nonzero()[:, 0].to(losses.device)
+        summed = torch.zeros(len(labels), dtype=losses.dtype, device=losses.device).index_add(0, row_of, -losses)
+        return summed, trained.sum(-1)
+
+
 def chunked_token_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk_tokens: int, *,
                            softcap: float | None = None) -> torch.Tensor:
     """`token_loss_sum` of the logits `head(hidden)`, softcapped to (-softcap, softcap) when given, computed
@@ -104,6 +135,12 @@ def _chunk_loss_sum(head: nn.Module, rows: torch.Tensor, targets: torch.Tensor,
                     softcap: float | None) -> torch.Tensor:
     logits = _final_logits(head(rows), softcap)
     return F.cross_entropy(logits, targets.to(logits.device), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _chunk_token_losses(head: nn.Module, rows: torch.Tensor, targets: torch.Tensor,
+                        softcap: float | None) -> torch.Tensor:
+    logits = _final_logits(head(rows), softcap)
+    return F.cross_entropy(logits, targets.to(logits.device), reduction="none")
 
 
 def _final_logits(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:

@@ -35,6 +35,7 @@ from qlora.config import (
     Config,
     DType,
     LoraInit,
+    ObjectiveName,
     OptimizerName,
     QuantMethod,
     ScratchTokenizer,
@@ -137,13 +138,19 @@ class Plan:
     workspace_bytes: int
     """Transient: the largest weight dequantized for its matmul, and the activation gradients in flight."""
     tokens: int
-    """micro_batch_size x seq_len."""
+    """micro_batch_size x seq_len, x 2 for preference objectives (a pair is two sequences)."""
     per_token_bytes: float
     """Activation, logits and workspace bytes that grow with each token of the micro batch."""
     flops_per_token: float
     """Training FLOPs per token of the micro batch on the frozen-base basis: the forward pass (2 per weight and
     the attention scores), the backward pass for activation gradients only (the base is frozen), and the recomputed
     layers' share of the forward again."""
+    reference_bytes: int = 0
+    """DPO's reference pass in the step (objective.precompute_reference=false): the base with the adapter disabled,
+    run without gradients while the policy's activations wait for backward: its logits (unless chunked) and one
+    layer's activations in flight. Included in per_token_bytes."""
+    sequences_per_item: int = 1
+    """Sequences per micro-batch item: 2 for a preference pair."""
     loss_chunk_bytes: int = 0
     """The part of logits_bytes that does not grow with the micro batch: one chunk of the chunked loss."""
     least_per_token_bytes: float | None = None
@@ -172,7 +179,7 @@ class Plan:
     @property
     def step_bytes(self) -> int:
         """What a training step allocates and frees: activations, logits and workspace."""
-        return self.activation_bytes + self.logits_bytes + self.workspace_bytes
+        return self.activation_bytes + self.logits_bytes + self.workspace_bytes + self.reference_bytes
 
     @property
     def allocator_bytes(self) -> int:
@@ -210,13 +217,13 @@ class Plan:
 
     def largest_micro_batch(self, seq_len: int) -> int | None:
         tokens = self.max_tokens()
-        return None if tokens is None else tokens // seq_len
+        return None if tokens is None else tokens // (seq_len * self.sequences_per_item)
 
     def largest_seq_len(self, micro_batch_size: int) -> int | None:
         tokens = self.max_tokens()
         if tokens is None:
             return None
-        longest = tokens // micro_batch_size // 64 * 64
+        longest = tokens // (micro_batch_size * self.sequences_per_item) // 64 * 64
         return min(longest, self.max_positions) if self.max_positions else longest
 
 
@@ -241,7 +248,9 @@ def plan(config: Config, device: str = "cuda", checkpointed: int | None = None) 
     optimizer += _shared_state_bytes(config) if trainable else 0
     autocast = config.train.mixed_precision.value in ("bf16", "fp16") or (
         config.train.mixed_precision.value == "auto" and device == "cuda")
-    tokens = config.train.micro_batch_size * config.train.seq_len
+    objective = config.objective
+    sequences = 1 if objective.name == ObjectiveName.sft else 2
+    tokens = sequences * config.train.micro_batch_size * config.train.seq_len
     chunk = config.train.loss_chunk_tokens
     compute = torch.finfo(dtype).bits // 8
     loss_chunk = min(tokens, chunk) * arch.vocab_size * (compute + LOGITS_BYTES) if chunk else 0
@@ -258,6 +267,9 @@ def plan(config: Config, device: str = "cuda", checkpointed: int | None = None) 
 
     def with_checkpointing(checkpointed: int) -> Plan:
         per_token = _activation_per_token(arch, len(adapted), config, dtype, autocast, upcast, checkpointed, eager)
+        reference = 0.0
+        if objective.name == ObjectiveName.dpo and not objective.precompute_reference:
+            reference = (0 if chunk else arch.vocab_size * (compute + LOGITS_BYTES)) + per_token.activations / layers
         return Plan(
             model=config.model.name_or_path,
             device=device,
@@ -274,7 +286,9 @@ def plan(config: Config, device: str = "cuda", checkpointed: int | None = None) 
             logits_bytes=int(per_token.logits * tokens) + loss_chunk,
             workspace_bytes=dequantized + int(per_token.workspace * tokens),
             tokens=tokens,
-            per_token_bytes=per_token.total,
+            per_token_bytes=per_token.total + reference,
+            reference_bytes=int(reference * tokens),
+            sequences_per_item=sequences,
             flops_per_token=flops_per_token(arch, model, config, checkpointed),
             layers=layers,
             checkpointed_layers=checkpointed,
@@ -588,6 +602,7 @@ def gib(n: float) -> str:
 def describe(p: Plan, config: Config) -> str:
     """The plan as a table a person reads, with the verdict and what to change."""
     t = config.train
+    pairs = " pairs (2 sequences each)" if p.sequences_per_item == 2 else ""
     rows = [
         ("process", "Python, libraries, tokenizer, data (resident now)", p.host_bytes),
         ("base model", f"{p.parameters:,} parameters, {p.quantized_parameters:,} quantized "
@@ -596,17 +611,19 @@ def describe(p: Plan, config: Config) -> str:
         ("LoRA gradients", "", p.gradient_bytes),
         ("optimizer state", config.optim.name.value + (" (paged: CUDA unified memory)" if p.optimizer_paged else ""),
          p.optimizer_bytes),
-        ("activations", f"micro batch {t.micro_batch_size} x seq_len {t.seq_len}, {recomputed(p, config)} "
+        ("activations", f"micro batch {t.micro_batch_size}{pairs} x seq_len {t.seq_len}, {recomputed(p, config)} "
                         "(estimate)", p.activation_bytes),
         ("logits and loss", (f"chunks of {t.loss_chunk_tokens} tokens, float32 (estimate)" if t.loss_chunk_tokens
                              else "all positions' float32 log-softmax and its gradients (estimate)"), p.logits_bytes),
         ("workspace", "dequantized weight, gradients in flight (estimate)", p.workspace_bytes),
+        ("reference pass", "DPO's base without the adapter, no gradients: logits, one layer (estimate)",
+         p.reference_bytes),
         ("LoftQ init", "before training: the largest adapted weight's float32 copies (estimate)", p.init_bytes),
         ("allocator", f"freed temporaries malloc keeps: {p.allocator_share:.0%} of a step's (measured; "
                       "QLORA_MALLOC=compact: 0)",
          p.allocator_bytes),
     ]
-    rows = [r for r in rows if r[2] or r[0] not in ("process", "allocator", "LoftQ init")]  # CPU plans; LoftQ only
+    rows = [r for r in rows if r[2] or r[0] not in ("process", "allocator", "LoftQ init", "reference pass")]
     width = max(len(r[0]) for r in rows)
     lines = [f"qlora plan: {p.model} on {p.device} ({p.dtype} compute)"]
     lines += [f"  {name:<{width}}  {gib(n):>11}  {what}" for name, what, n in rows]

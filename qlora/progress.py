@@ -52,7 +52,7 @@ class Progress:
 
 
 def log_outcome(samples: list[dict], state: TrainState, cfg: TrainConfig, *, seconds: float,
-                eval_seconds: float) -> None:
+                eval_seconds: float, preference: bool = False) -> None:
     """The samples before and after training, where the time went, and the eval loss from first to last."""
     for s in samples:
         reference = f"\n  reference: {s['reference']}" if "reference" in s else ""
@@ -62,5 +62,8 @@ def log_outcome(samples: list[dict], state: TrainState, cfg: TrainConfig, *, sec
         log.info("evaluation took %.0fs of %.0fs (%.0f%%; train.eval_max_sequences=%d, train.eval_every_steps=%d)",
                  eval_seconds, seconds, 100 * eval_seconds / seconds, cfg.eval_max_sequences, cfg.eval_every_steps)
     if state.first_eval_loss is not None and state.final_eval_loss is not None:
-        log.info("eval loss %.4f -> %.4f (perplexity %.2f -> %.2f)", state.first_eval_loss, state.final_eval_loss,
-                 perplexity(state.first_eval_loss), perplexity(state.final_eval_loss))
+        if preference:
+            log.info("eval loss %.4f -> %.4f (per pair)", state.first_eval_loss, state.final_eval_loss)
+        else:
+            log.info("eval loss %.4f -> %.4f (perplexity %.2f -> %.2f)", state.first_eval_loss, state.final_eval_loss,
+                     perplexity(state.first_eval_loss), perplexity(state.final_eval_loss))

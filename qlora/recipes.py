@@ -3,7 +3,7 @@
 Every recipe opens with a header of comment lines:
 
     # <one line: what it is for: model, task, data, notable settings>
-    # task: instruction | chat | pretraining | demo
+    # task: instruction | chat | pretraining | preference | demo
     # memory: <peak GPU memory, or ?>
     # time: <time to run, or ?>
 
@@ -24,7 +24,7 @@ from qlora.errors import QloraError
 
 FIELDS = ("task", "memory", "time")
 """The header's `key: value` lines, in this order after the first line."""
-TASKS = ("instruction", "chat", "pretraining", "demo")
+TASKS = ("instruction", "chat", "pretraining", "preference", "demo")
 """What a recipe's `task:` may say."""
 UNKNOWN = "?"
 

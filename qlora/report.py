@@ -190,10 +190,19 @@ def steps_label(run: RunRecord, unit: str = " steps") -> str:
     return f"{done}{unit}" if run.summary or planned is None else f"{done} of {planned}{unit} (unfinished)"
 
 
+def preference_run(run: RunRecord) -> bool:
+    return run.setting("objective.name") not in (None, "sft")
+
+
 def eval_label(run: RunRecord) -> str | None:
     first, final = run.eval_losses
     if final is None:
         return None
+    if preference_run(run):
+        _, accuracy = run.series("eval_reward_accuracy")
+        shown = f", reward accuracy {accuracy[0]:.2f} \u2192 {accuracy[-1]:.2f}" if len(accuracy) > 1 else ""
+        start = f"{first:.3f} \u2192 " if first is not None and first != final else ""
+        return f"{run.setting('objective.name')} eval loss {start}{final:.3f}{shown}"
     if first is None or first == final:
         return f"eval loss {final:.3f} (perplexity {perplexity(final):.2f})"
     return (f"eval loss {first:.3f} \u2192 {final:.3f} "
@@ -237,9 +246,14 @@ class _Panel:
     ylabel: str
     keys: tuple[str, ...]
     color: str
+    eval_key: str | None = None
+    """The same measure on the held-out split, drawn over the train line."""
 
 
 _PANELS = (
+    _Panel("Reward accuracy", "share of pairs ranked right", ("reward_accuracy",), "#17becf",
+           "eval_reward_accuracy"),
+    _Panel("Reward margin", "chosen - rejected reward", ("reward_margin",), "#bcbd22", "eval_reward_margin"),
     _Panel("Learning rate", "learning rate", ("lr",), "#2ca02c"),
     _Panel("Gradient norm", "L2 norm before clipping", ("grad_norm",), "#9467bd"),
     _Panel("Throughput", "tokens / s", ("tokens_per_s",), "#ff7f0e"),
@@ -293,11 +307,12 @@ def _loss_axes(ax, run: RunRecord) -> None:
         if eval_steps[0] == 0 and math.isfinite(evals[0]):
             _note(ax, 0, evals[0], f"before training: {evals[0]:.3f}", (8, 6), "left")
         if eval_steps[-1] > 0 and math.isfinite(evals[-1]):
-            _note(ax, eval_steps[-1], evals[-1], f"final: {evals[-1]:.3f} (perplexity {perplexity(evals[-1]):.2f})",
-                  (-6, 10), "right")
+            shown = "" if preference_run(run) else f" (perplexity {perplexity(evals[-1]):.2f})"
+            _note(ax, eval_steps[-1], evals[-1], f"final: {evals[-1]:.3f}{shown}", (-6, 10), "right")
     ax.set_title("Loss")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats / token)")
+    ax.set_ylabel(f"{run.setting('objective.name')} loss per pair" if preference_run(run)
+                  else "cross-entropy (nats / token)")
     ax.set_xlim(left=0)
     ax.margins(x=0.02, y=0.08)
     ax.legend(loc="upper right")
@@ -305,7 +320,10 @@ def _loss_axes(ax, run: RunRecord) -> None:
 
 def _panel_axes(ax, run: RunRecord, panel: _Panel) -> None:
     steps, values = run.series(*panel.keys)
-    ax.plot(steps, values, color=panel.color, linewidth=1.6, marker=_marker(steps), markersize=2.5)
+    ax.plot(steps, values, color=panel.color, linewidth=1.6, marker=_marker(steps), markersize=2.5, label="train")
+    if panel.eval_key and (held_out := run.series(panel.eval_key))[0]:
+        ax.plot(*held_out, color=_EVAL, linewidth=1.2, linestyle="--", marker="o", markersize=4,
+                markerfacecolor="white", label="held-out")
     finite = [v for v in values if math.isfinite(v)]
     if panel.keys == ("tokens_per_s",) and len(finite) > 1:
         median = statistics.median(finite)
@@ -313,13 +331,14 @@ def _panel_axes(ax, run: RunRecord, panel: _Panel) -> None:
     clip = run.setting("optim.max_grad_norm")
     if panel.keys == ("grad_norm",) and isinstance(clip, (int, float)) and clip > 0:
         ax.axhline(clip, color=_OTHER, linewidth=1, linestyle=":", label=f"clipped to {clip:g}")
-    if ax.get_legend_handles_labels()[0]:
+    if len(ax.get_legend_handles_labels()[0]) > 1:
         ax.legend(loc="best", fontsize=9)
     ax.set_title(panel.title)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(panel.ylabel)
     ax.set_xlim(left=0)
-    ax.set_ylim(bottom=0)
+    if panel.keys != ("reward_margin",):  # a margin may be negative
+        ax.set_ylim(bottom=0)
     ax.margins(x=0.03, y=0.12)
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4), useMathText=True)
 
@@ -407,8 +426,12 @@ def summary_rows(run: RunRecord) -> list[tuple[str, str]]:
     first, final = run.eval_losses
     if final is not None:
         rows.append(("eval loss", f"{first:.4f} \u2192 {final:.4f}" if first is not None else f"{final:.4f}"))
-        rows.append(("eval perplexity", f"{perplexity(first):.2f} \u2192 {perplexity(final):.2f}"
-                     if first is not None else f"{perplexity(final):.2f}"))
+        if not preference_run(run):
+            rows.append(("eval perplexity", f"{perplexity(first):.2f} \u2192 {perplexity(final):.2f}"
+                         if first is not None else f"{perplexity(final):.2f}"))
+    _, accuracy = run.series("eval_reward_accuracy")
+    if accuracy:
+        rows.append(("eval reward accuracy", f"{accuracy[0]:.3f} \u2192 {accuracy[-1]:.3f}"))
     _, losses = run.series("loss")
     if losses and math.isfinite(losses[-1]):
         rows.append(("last train loss", f"{losses[-1]:.4f}"))

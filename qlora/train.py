@@ -1,7 +1,8 @@
 """The QLoRA fine-tuning recipe: one function that reads top to bottom, and the loop it owns.
 
 config -> validate -> (checkpoint to resume) -> tokenizer -> data -> load + quantize base -> attach LoRA ->
-optimizer -> (restore) -> commit the run folder -> loop with checkpoints -> save.
+the objective's module (qlora.objective: SFT, or DPO / ORPO / SimPO) -> optimizer -> (restore) -> commit the run
+folder -> loop with checkpoints -> save.
 Data comes before the weights so that a bad record stops the run before minutes of loading, and nothing is
 written to output_dir before all of it has worked.
 
@@ -23,6 +24,7 @@ from accelerate import Accelerator
 
 from qlora import checkpoint, demo, distributed, hub, memory, neftune, resume, runfolder
 from qlora import data as qdata
+from qlora import objective as objectives
 from qlora.attention import check_packed_attention, use_per_sample_sdpa
 from qlora.checkpoint import TrainState
 from qlora.composition import recipe_description, recipe_paths
@@ -31,7 +33,7 @@ from qlora.errors import QloraError
 from qlora.evaluation import score, scored_tokens
 from qlora.generate import greedy_answers
 from qlora.lora import attach_lora, init_adapter
-from qlora.loss import CausalLMLoss, loss_inputs
+from qlora.loss import loss_inputs
 from qlora.metrics import MetricsLog, NoMetrics, perplexity
 from qlora.model import (
     autocast_dtype,
@@ -152,7 +154,7 @@ def _run(config: Config, accelerator: Accelerator, resumed: checkpoint.Checkpoin
     resume.check_processes(state, processes, config.force_resume)
     state.processes = processes
     memory_plan = check_fits(config, device.type)
-    data = dataclasses.replace(data, eval=data.eval[:config.train.eval_max_sequences])
+    data = qdata.bounded_eval(data, config.data, config.train.eval_max_sequences)
     held_out = qdata.held_out_samples(data, config.data, config.train.samples_from_eval)
     train_loader, eval_loader = qdata.loaders(
         data, config.data, micro_batch_size=config.train.micro_batch_size, seq_len=config.train.seq_len,
@@ -168,13 +170,16 @@ def _run(config: Config, accelerator: Accelerator, resumed: checkpoint.Checkpoin
     if resumed is not None:
         resume.restore_adapter(resumed, model)
 
-    # What trains: the loss inside a module, so that DDP / FSDP see the whole forward (sharded here under FSDP)
-    loss = CausalLMLoss(model, config.train.loss_chunk_tokens)
+    # What trains: the objective inside a module, so that DDP / FSDP see the whole forward (sharded here under FSDP)
+    loss = objectives.loss_module(model, config)
     sharded = config.dist.strategy == DistStrategy.fsdp and processes > 1
     if sharded:
-        distributed.shard(loss, config.dist, loss_inputs(qdata.first_batch(train_loader), device, rows=1, tokens=8))
+        # A pair batch's first two rows: a chosen and a rejected answer (of different pairs: it only runs FSDP's setup)
+        distributed.shard(loss, config.dist, loss_inputs(qdata.first_batch(train_loader), device, tokens=8,
+                                                         rows=2 if objectives.is_preference(config.objective) else 1))
     # After sharding, which replaces the parameters
-    optimizer, scheduler = _setup_optimizer(model, config.optim, config.train, device=device, processes=processes)
+    optimizer, scheduler = _setup_optimizer(model, config.optim, config.train, device=device, processes=processes,
+                                            unit="pairs" if objectives.is_preference(config.objective) else "sequences")
     # The loaders stay as they are: each process's sampler already draws its own share, and _step moves batches.
     if sharded:
         optimizer = accelerator.prepare(optimizer)  # FSDP is applied above; accelerate would wrap the model in DDP
@@ -182,6 +187,8 @@ def _run(config: Config, accelerator: Accelerator, resumed: checkpoint.Checkpoin
         loss, optimizer = accelerator.prepare(loss, optimizer)
     if resumed is not None:
         resume.restore_training(resumed, accelerator, model=model, optimizer=optimizer, scheduler=scheduler)
+    if config.objective.precompute_reference:
+        _precompute_reference(config, loss, train_loader, eval_loader, tokenizer.pad_token_id, accelerator)
 
     prompts = [qdata.prompt_ids(p, config.data, tokenizer) for p in config.train.sample_prompts]
     prompts += [s.ids for s in held_out]
@@ -226,7 +233,8 @@ def _run(config: Config, accelerator: Accelerator, resumed: checkpoint.Checkpoin
         if config.train.report:
             report_finished_run(out)
     accelerator.wait_for_everyone()
-    log_outcome(samples, state, config.train, seconds=seconds, eval_seconds=training.eval_seconds)
+    log_outcome(samples, state, config.train, seconds=seconds, eval_seconds=training.eval_seconds,
+                preference=objectives.is_preference(config.objective))
     log.info("saved adapter, tokenizer and config to %s", out)
     return RunResult(out, state, samples, model, tokenizer, optimizer.optimizer)
 
@@ -266,16 +274,37 @@ def _setup_model(config: Config, device: torch.device, *, memory_plan: Plan | No
     return model, base, checkpointed
 
 
-def _setup_optimizer(model, optim: OptimConfig, train: TrainConfig, *, device: torch.device, processes: int):
-    """The optimizer over the trainable parameters, and its learning-rate schedule."""
+def _setup_optimizer(model, optim: OptimConfig, train: TrainConfig, *, device: torch.device, processes: int,
+                     unit: str = "sequences"):
+    """The optimizer over the trainable parameters, and its learning-rate schedule (logged with the batch, counted
+    in `unit`)."""
     optimizer = build_optimizer(param_groups(model, optim), optim, device)
     scheduler = build_scheduler(optimizer, optim, train.max_steps)
     log.info("optimizer %s (lr %g, %s schedule, %d warmup steps, clip %g); batch %d x %d accumulation%s = %d "
-             "sequences", type(optimizer).__name__, optim.lr, optim.schedule.value, optim.warmup_steps,
+             "%s", type(optimizer).__name__, optim.lr, optim.schedule.value, optim.warmup_steps,
              optim.max_grad_norm, train.micro_batch_size, train.grad_accum_steps,
              f" x {processes} processes" if processes > 1 else "",
-             train.micro_batch_size * train.grad_accum_steps * processes)
+             train.micro_batch_size * train.grad_accum_steps * processes, unit)
     return optimizer, scheduler
+
+
+def _precompute_reference(config: Config, loss, train_loader, eval_loader, pad_id: int,
+                          accelerator: Accelerator) -> None:
+    """objective.precompute_reference: score every pair under the reference once, before training (from cache_dir
+    when scored before), and give the scores to the loaders, whose batches then carry them."""
+    module = accelerator.unwrap_model(loss)
+    cache = Path(config.cache_dir).expanduser() / "reference" if config.data.cache else None
+    t0 = time.perf_counter()
+    accelerator.wait_for_everyone()  # every process sees the same cache (each one computes: FSDP's forwards need all)
+    for loader, train_mode in ((train_loader, True), (eval_loader, False)):
+        if loader is not None:
+            loader.collate_fn.reference = objectives.reference_scores(
+                module, loader.dataset, pad_id=pad_id, pairs_per_batch=config.train.micro_batch_size,
+                device=accelerator.device, autocast=autocast_dtype(config.train.mixed_precision),
+                train_mode=train_mode, cache=cache, write=accelerator.is_main_process,
+                key_parts=objectives.reference_key(config, accelerator.device))
+    log.info("reference log-probs of %d pairs precomputed in %.1fs (objective.precompute_reference)",
+             len(train_loader.dataset) + (len(eval_loader.dataset) if eval_loader else 0), time.perf_counter() - t0)
 
 
 def save_checkpoint(training: Training, state: TrainState) -> Path:
@@ -309,11 +338,12 @@ def train_loop(training: Training, state: TrainState) -> None:
     evaluate_now = training.eval_loader is not None and cfg.eval_every_steps > 0
     progress = Progress(cfg, accelerator.is_main_process, state.step)
     if evaluate_now and state.step == 0:
-        state.first_eval_loss = state.final_eval_loss = _evaluate(training)
-        training.metrics.write({"step": 0, "eval_loss": state.first_eval_loss})
-        progress.write(f"step 0: eval loss {state.first_eval_loss:.4f} (perplexity "
-                       f"{perplexity(state.first_eval_loss):.2f}) on {len(training.eval_loader.dataset)} held-out "
-                       f"sequences, {training.eval_seconds:.1f}s")
+        values = _evaluate(training)
+        state.first_eval_loss = state.final_eval_loss = values["loss"]
+        training.metrics.write({"step": 0, **{f"eval_{k}": v for k, v in values.items()}})
+        progress.write(f"step 0: {_describe_eval(training, values)} on {len(training.eval_loader.dataset)} held-out "
+                       f"{'pairs' if objectives.is_preference(training.config.objective) else 'sequences'}, "
+                       f"{training.eval_seconds:.1f}s")
     window_start, window_tokens = time.perf_counter(), 0
     nonfinite_in_a_row = 0
     saved_at = state.step if state.step > 0 else None  # a resumed run starts on a checkpoint
@@ -322,9 +352,10 @@ def train_loop(training: Training, state: TrainState) -> None:
     with resume.StopSignals() as signals:
         while state.step < cfg.max_steps and not stop:
             try:
-                loss, n_trained, n_seen, grad_norm = _step(training, batches, trainable)
+                values, n_trained, n_seen, grad_norm = _step(training, batches, trainable)
             except torch.OutOfMemoryError as e:
                 raise QloraError(oom_message(cfg, state.step + 1)) from e
+            loss = values["loss"]
             finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
             if finite:
                 training.optimizer.step()
@@ -343,15 +374,15 @@ def train_loop(training: Training, state: TrainState) -> None:
             last = state.step == cfg.max_steps
             if cfg.log_every_steps and (state.step % cfg.log_every_steps == 0 or last or state.step == 1):
                 tokens_per_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
-                row = _train_row(training, state, loss, grad_norm, tokens_per_s)
+                row = _train_row(training, state, values, grad_norm, tokens_per_s)
                 training.metrics.write(row)
                 progress.show(row)
                 window_start, window_tokens = time.perf_counter(), 0
             if evaluate_now and (state.step % cfg.eval_every_steps == 0 or last):
-                state.final_eval_loss = _evaluate(training)
-                training.metrics.write({"step": state.step, "eval_loss": state.final_eval_loss})
-                progress.write(f"step {state.step}: eval loss {state.final_eval_loss:.4f} "
-                               f"(perplexity {perplexity(state.final_eval_loss):.2f})")
+                values = _evaluate(training)
+                state.final_eval_loss = values["loss"]
+                training.metrics.write({"step": state.step, **{f"eval_{k}": v for k, v in values.items()}})
+                progress.write(f"step {state.step}: {_describe_eval(training, values)}")
                 window_start = time.perf_counter()  # eval time is not training throughput
             if last or (cfg.save_every_steps and state.step % cfg.save_every_steps == 0):
                 save_checkpoint(training, state)
@@ -370,9 +401,9 @@ def train_loop(training: Training, state: TrainState) -> None:
                                      f"output_dir={training.out} resume=auto", signum)
 
 
-def _train_row(training: Training, state: TrainState, loss: float, grad_norm: float | None,
+def _train_row(training: Training, state: TrainState, values: dict[str, float], grad_norm: float | None,
                tokens_per_s: float) -> dict:
-    row = {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": training.scheduler.get_last_lr()[0],
+    row = {"step": state.step, "epoch": state.epoch, **values, "lr": training.scheduler.get_last_lr()[0],
            "tokens_per_s": tokens_per_s, "tokens_seen": state.tokens_seen}
     if grad_norm is not None:
         row["grad_norm"] = grad_norm
@@ -380,33 +411,35 @@ def _train_row(training: Training, state: TrainState, loss: float, grad_norm: fl
     return row
 
 
-def _step(training: Training, batches, trainable) -> tuple[float, int, int, float | None]:
+def _step(training: Training, batches, trainable) -> tuple[dict[str, float], int, int, float | None]:
     """Forward and backward over one optimizer step's micro batches, gradients clipped; the optimizer is not
-    stepped. Returns the loss per trained token, trained and seen token counts, and the gradient norm."""
+    stepped. Returns the objective's metrics (its loss per trained token, or per pair), trained and seen token
+    counts, and the gradient norm."""
     config, accelerator = training.config, training.accelerator
-    # Fetch the step's micro batches first, so each one's loss is weighted by its share of the step's trained
-    # tokens (a plain mean of micro-batch means over-weights short sequences).
+    # Fetch the step's micro batches first, so each one's loss is weighted by its share of the step's units, trained
+    # tokens or pairs (a plain mean of micro-batch means over-weights short sequences).
     micro = [next(batches) for _ in range(config.train.grad_accum_steps)]
     # Counted on the host, before the batches move to the device: no device sync. Then summed over processes.
-    n_trained, n_seen = distributed.sum_over_processes(accelerator, [
-        sum(scored_tokens(b["labels"]) for b in micro), sum(int(b["attention_mask"].sum()) for b in micro)])
+    n_units, n_trained, n_seen = distributed.sum_over_processes(accelerator, [
+        sum(objectives.units(config.objective, b) for b in micro), sum(scored_tokens(b["labels"]) for b in micro),
+        sum(int(b["attention_mask"].sum()) for b in micro)])
     # DDP and FSDP average gradients over the processes; scaling by their number makes the step's gradient the
-    # single-process one: every process's summed token loss over all the step's trained tokens.
-    scale = accelerator.num_processes / max(n_trained, 1)
-    loss_sum = torch.zeros((), device=accelerator.device)
+    # single-process one: every process's summed loss over all the step's units.
+    scale = accelerator.num_processes / max(n_units, 1)
+    sums = None
     for i, batch in enumerate(micro):
         with distributed.maybe_no_sync(accelerator, training.loss, sync=i == len(micro) - 1), accelerator.autocast(), \
                 neftune.noisy(training.model, batch):
-            loss = training.loss(**loss_inputs(batch, accelerator.device))
-            accelerator.backward(loss * scale)
-        loss_sum += loss.detach()
+            out = training.loss(**loss_inputs(batch, accelerator.device)).reshape(-1)  # [loss, other terms...]
+            accelerator.backward(out[0] * scale)
+        sums = out.detach() if sums is None else sums + out.detach()
     if accelerator.num_processes > 1:
-        loss_sum = accelerator.reduce(loss_sum, "sum")
+        sums = accelerator.reduce(sums, "sum")
     if config.optim.max_grad_norm <= 0:
-        return loss_sum.item() / max(n_trained, 1), n_trained, n_seen, None
+        return objectives.means(config.objective, sums.tolist(), n_units), n_trained, n_seen, None
     norm = distributed.full(accelerator.clip_grad_norm_(trainable, config.optim.max_grad_norm))
-    loss_value, grad_norm = torch.stack([loss_sum.float(), norm.float()]).tolist()  # one wait for the device
-    return loss_value / max(n_trained, 1), n_trained, n_seen, grad_norm
+    *values, grad_norm = torch.cat([sums.float(), norm.float().reshape(1)]).tolist()  # one wait for the device
+    return objectives.means(config.objective, values, n_units), n_trained, n_seen, grad_norm
 
 
 def _handle_nonfinite(training: Training, state: TrainState, loss: float, grad_norm: float | None,
@@ -428,14 +461,25 @@ def _handle_nonfinite(training: Training, state: TrainState, loss: float, grad_n
 MAX_NONFINITE_IN_A_ROW = 10
 
 
-def _evaluate(training: Training) -> float:
-    """Mean loss per trained token over the eval split (its first train.eval_max_sequences sequences), computed by
-    the training loss module: with train.loss_chunk_tokens no full logits, so evaluation needs no more memory than a
-    training step."""
+def _evaluate(training: Training) -> dict[str, float]:
+    """The objective's metrics over the eval split (its first train.eval_max_sequences sequences): the mean loss per
+    trained token, or per pair with the rewards. Computed by the training loss module: with train.loss_chunk_tokens
+    no full logits, so evaluation needs no more memory than a training step."""
     # Every process scores the whole (bounded) eval split with the same weights: the same loss everywhere, and
     # under FSDP the forwards every process must take part in.
     t0 = time.perf_counter()
-    loss = score(training.model, training.eval_loader, autocast=autocast_dtype(training.config.train.mixed_precision),
-                 loss=training.loss).mean_loss
+    autocast, objective = autocast_dtype(training.config.train.mixed_precision), training.config.objective
+    if objectives.is_preference(objective):
+        values = objectives.evaluate(training.loss, objective, training.eval_loader,
+                                     device=training.accelerator.device, autocast=autocast)
+    else:
+        values = {"loss": score(training.model, training.eval_loader, autocast=autocast, loss=training.loss).mean_loss}
     training.eval_seconds += time.perf_counter() - t0
-    return loss
+    return values
+
+
+def _describe_eval(training: Training, values: dict[str, float]) -> str:
+    if objectives.is_preference(training.config.objective):
+        return (f"eval loss {values['loss']:.4f}, reward accuracy {values['reward_accuracy']:.3f}, margin "
+                f"{values['reward_margin']:.4f}")
+    return f"eval loss {values['loss']:.4f} (perplexity {perplexity(values['loss']):.2f})"

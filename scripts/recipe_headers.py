@@ -30,6 +30,7 @@ DEMO_TIMES = {  # measured on the 2-core CPU this project is developed on
     "default": "about 1 min on a 2-core CPU",
     "tiny-alpaca": "about 3 min on a 2-core CPU",
     "smollm2-alpaca": "about 8 min on a 2-core CPU",
+    "smollm2-dpo-cpu": "about 9 min on a 2-core CPU",
 }
 
 
@@ -49,6 +50,8 @@ def header_values(name: str) -> dict[str, str]:
         on_h200 = plan(replace(config, train=replace(t, memory_limit_gb=H200_MEMORY_GIB)), "cuda")
         tokens = t.max_steps * t.grad_accum_steps * on_h200.tokens
         hours = tokens * on_h200.flops_per_token / (H200_BF16_FLOPS * ASSUMED_MFU) / 3600
+        if config.objective.name.value == "dpo" and not config.objective.precompute_reference:
+            hours *= 1.5  # the reference forward in each step: half as much again as a frozen-base forward + backward
         values["time"] = f"~{hours:.1f} h on an H200 (estimated)"
     return values
 

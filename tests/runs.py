@@ -42,6 +42,30 @@ def compose(cache: Path, out: Path, *overrides: str):  # -> qlora.config.Config
                            *overrides])
 
 
+def write_demo_pairs(path: Path) -> Path:
+    """Preference pairs from the demo records: the true fact chosen, another animal's fact for it rejected (the
+    Alpaca prompt as text), written as JSON Lines; returns `path`."""
+    import random
+
+    from qlora.data import alpaca_prompt
+    from qlora.demo import ANIMALS, RELATIONS
+
+    rng, rows = random.Random(0), []
+    for animal, facts in ANIMALS.items():
+        for k, ((questions, answer), fact) in enumerate(zip(RELATIONS.values(), facts, strict=True)):
+            wrong = ANIMALS[rng.choice([a for a in ANIMALS if ANIMALS[a][k] != fact])][k]
+            rows += [{"prompt": alpaca_prompt(q.format(a=animal)), "chosen": answer.format(a=animal, x=fact),
+                      "rejected": answer.format(a=animal, x=wrong)} for q in questions]
+    rng.shuffle(rows)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def preference(pairs: Path, objective: str = "dpo") -> list[str]:
+    """Overrides that train `objective` on the pairs file, dropout off (runs compared step by step draw none)."""
+    return [f"objective={objective}", "data.format=preference", f"data.path={pairs}", "lora.dropout=0"]
+
+
 def packed_batch():  # -> dict[str, torch.Tensor]
     """Two packed rows as qlora's collator makes them: 7 + 10 + 3 tokens, and 12 + 5 then 3 of padding."""
     import torch

@@ -23,7 +23,7 @@ from qlora.errors import ConfigError, QloraError
 from qlora.metrics import read_metrics
 from qlora.resume import check_processes
 from qlora.train import run
-from tests.runs import REPO, TINY
+from tests.runs import REPO, TINY, preference, write_demo_pairs
 
 pytestmark = pytest.mark.slow  # several processes launched by torchrun
 
@@ -187,3 +187,22 @@ def test_quality_options_train_under_both_strategies(runs, strategy):
     assert "LoRA init loftq: 14 layers" in log and "LoRA+: 14 B matrices at lr" in log, log[-2000:]
     evals = [r["eval_loss"] for r in read_metrics(out) if "eval_loss" in r]
     assert evals[-1] < evals[0], evals
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_dpo_on_two_processes_matches_one(runs, strategy):
+    """A preference run under DDP and FSDP: the reference pass (the adapter disabled inside the wrapped forward) and
+    the pair counts summed over processes give the single process's losses, rewards and adapter."""
+    root = runs["root"]
+    pairs = write_demo_pairs(root / "pairs.jsonl")
+    common = [*runs["common"], *preference(pairs), "train.eval_every_steps=4", "optim=adamw"]
+    one = run(compose_config([*common, *ONE_PROCESS, f"output_dir={root / f'dpo-one-{strategy}'}"]))
+    extra = ["dist=ddp"] if strategy == "ddp" else ["dist=fsdp"]
+    torchrun("tests/distributed_worker.py", str(root / f"dpo-{strategy}-ranks"), *common, *TWO_PROCESSES, *extra,
+             f"output_dir={root / f'dpo-{strategy}'}")
+    two = read_metrics(root / f"dpo-{strategy}")
+    single = read_metrics(one.output_dir)
+    for key in ("loss", "reward_margin", "eval_loss", "eval_reward_accuracy"):
+        assert [r[key] for r in two if key in r] == pytest.approx([r[key] for r in single if key in r], abs=1e-5), key
+    assert_close(torch.load(root / f"dpo-{strategy}-ranks" / "rank0.pt")["adapter"],
+                 {n: p.detach() for n, p in one.model.named_parameters() if p.requires_grad}, atol=1e-6)

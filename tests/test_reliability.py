@@ -20,7 +20,7 @@ from qlora import checkpoint
 from qlora.composition import compose_config
 from qlora.errors import QloraError
 from qlora.train import run
-from tests.runs import TINY, interrupted_run, qlora_cli, run_differences
+from tests.runs import TINY, interrupted_run, preference, qlora_cli, run_differences, write_demo_pairs
 
 pytestmark = pytest.mark.slow  # runs trained, stopped and resumed through the CLI
 
@@ -258,3 +258,14 @@ def test_debug_shows_the_traceback(tmp_path):
     result = qlora_cli("train", "lora.r=0", "debug=true", f"output_dir={tmp_path}/out", cwd=tmp_path)
     assert result.returncode != 0
     assert "Traceback" in result.stderr and "ConfigError: config error: lora.r must be > 0" in result.stderr
+
+
+def test_a_dpo_run_stopped_and_resumed_equals_the_uninterrupted_one(cache, tmp_path):
+    """The harness above on a preference run: the reference pass draws no randomness the resumed run would miss."""
+    pairs = write_demo_pairs(tmp_path / "pairs.jsonl")
+    args = [*settings(cache), *preference(pairs), "lora.dropout=0.1", "train.max_steps=12", "train.eval_every_steps=6"]
+    whole = tmp_path / "whole"
+    result = qlora_cli("train", *args, f"output_dir={whole}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = interrupted_run(args, tmp_path / "run", [("kill", 3), ("term", 7), ("kill", 10)], cwd=tmp_path)
+    assert run_differences(whole, tmp_path / "run") == [], report

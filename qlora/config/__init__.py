@@ -1,7 +1,7 @@
 """Configuration: what a run or command may be told, and every check of it.
 
     schema.py    the training config: one dataclass per Hydra config group (model, quant, lora, data, optim,
-                 train, dist) and their closed choices
+                 train, dist, objective) and their closed choices
     commands.py  the schemas of the other commands (export, generate, eval, plan, data preview, report, recipes)
     checks.py    every check no single field's type can make, for training and for each command, reported in
                  one round (`validate`, `validate_export`, `validate_generate`, `validate_eval`)
@@ -54,12 +54,15 @@ from qlora.config.schema import (
     DataFormat,
     DistConfig,
     DistStrategy,
+    DPOLoss,
     DType,
     Logger,
     LoraConfig,
     LoraInit,
     MixedPrecision,
     ModelConfig,
+    ObjectiveConfig,
+    ObjectiveName,
     OnInvalid,
     OnNonFinite,
     OptimConfig,
@@ -77,13 +80,13 @@ from qlora.config.schema import (
 )
 
 __all__ = [
-    "AUTO", "ArchitectureConfig", "CHAT_TEMPLATE_NAMES", "ColumnsConfig", "Config", "DATA_FILE_SUFFIXES", "DType",
-    "DataConfig", "DataFormat", "Device", "DistConfig", "DistStrategy", "EvalCommand", "EvalSubset", "ExportCommand",
-    "ExportConfig", "ExportFormat", "GGUFType", "GenerateCommand", "Logger", "LoraConfig", "LoraInit", "MergeMode",
-    "MixedPrecision", "ModelConfig", "OnInvalid", "OnNonFinite", "OptimConfig", "OptimizerName", "Overlong",
-    "PlanCommand", "PreviewCommand", "QuantConfig", "QuantMethod", "REMOVED_KEYS", "RecipesCommand", "ReportCommand",
-    "RolesConfig", "Schedule", "ScratchArchitecture", "ScratchModelConfig", "ScratchTokenizer", "TrainConfig",
-    "builds_scratch_model", "data_problems", "dist_problems", "generates_demo_data", "inside", "is_data_file",
-    "is_jinja", "logger_problems", "size_bytes", "validate", "validate_eval", "validate_export", "validate_generate",
-    "without_removed_keys",
+    "AUTO", "ArchitectureConfig", "CHAT_TEMPLATE_NAMES", "ColumnsConfig", "Config", "DATA_FILE_SUFFIXES", "DPOLoss",
+    "DType", "DataConfig", "DataFormat", "Device", "DistConfig", "DistStrategy", "EvalCommand", "EvalSubset",
+    "ExportCommand", "ExportConfig", "ExportFormat", "GGUFType", "GenerateCommand", "Logger", "LoraConfig", "LoraInit",
+    "MergeMode", "MixedPrecision", "ModelConfig", "ObjectiveConfig", "ObjectiveName", "OnInvalid", "OnNonFinite",
+    "OptimConfig", "OptimizerName", "Overlong", "PlanCommand", "PreviewCommand", "QuantConfig", "QuantMethod",
+    "REMOVED_KEYS", "RecipesCommand", "ReportCommand", "RolesConfig", "Schedule", "ScratchArchitecture",
+    "ScratchModelConfig", "ScratchTokenizer", "TrainConfig", "builds_scratch_model", "data_problems", "dist_problems",
+    "generates_demo_data", "inside", "is_data_file", "is_jinja", "logger_problems", "size_bytes", "validate",
+    "validate_eval", "validate_export", "validate_generate", "without_removed_keys",
 ]

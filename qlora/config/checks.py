@@ -19,11 +19,13 @@ from qlora.config.schema import (
     DataConfig,
     DataFormat,
     DistStrategy,
+    DPOLoss,
     DType,
     Logger,
     LoraInit,
     MixedPrecision,
     ModelConfig,
+    ObjectiveName,
     OptimizerName,
     QuantMethod,
     ScratchTokenizer,
@@ -218,6 +220,7 @@ def validate(cfg: Config) -> None:
                         "overwrite replaces it; give one")
     problems += dist_problems(cfg)
     problems += quality_problems(cfg)
+    problems += objective_problems(cfg)
     problems += logger_problems(cfg.train.loggers)
     scratch_positions = scratch.max_position_embeddings if builds_scratch_model(cfg.model) else None
     if scratch_positions is not None and isinstance(seq_len, int) and seq_len > scratch_positions:
@@ -225,6 +228,48 @@ def validate(cfg: Config) -> None:
                         f"{scratch_positions} positions (model.scratch.max_position_embeddings); lower train.seq_len")
     if problems:
         raise ConfigError(problems)
+
+
+PREFERENCE_OBJECTIVES = (ObjectiveName.dpo, ObjectiveName.orpo, ObjectiveName.simpo)
+
+
+def objective_problems(cfg: Config) -> list[str]:
+    """The objective against its own keys and the data: a preference objective needs preference pairs, and SFT
+    cannot train on pairs."""
+    objective, data = cfg.objective, cfg.data
+    name = objective.name.value
+    problems = []
+    preference = objective.name in PREFERENCE_OBJECTIVES
+    if preference and data.format != DataFormat.preference:
+        problems.append(f"objective={name} trains on preference pairs, but data.format={data.format.value}; set "
+                        "data.format=preference with prompt / chosen / rejected records (docs/preference.md)")
+    if not preference and data.format == DataFormat.preference:
+        problems.append("data.format=preference holds pairs to prefer one answer of, which objective=sft does not "
+                        "train on; choose objective=dpo, orpo or simpo")
+    if not preference:
+        return problems
+    if not (objective.beta > 0 and math.isfinite(objective.beta)):
+        problems.append(f"objective.beta must be > 0 (got {objective.beta})")
+    if not 0 <= objective.label_smoothing < 0.5:
+        problems.append(f"objective.label_smoothing must be in [0, 0.5) (got {objective.label_smoothing})")
+    if objective.name != ObjectiveName.dpo:
+        if objective.loss_type != DPOLoss.sigmoid or objective.label_smoothing:
+            problems.append(f"objective.loss_type and objective.label_smoothing apply to objective=dpo (got {name})")
+        if objective.precompute_reference:
+            problems.append(f"objective.precompute_reference applies to objective=dpo: {name} has no reference model")
+    elif objective.label_smoothing and objective.loss_type != DPOLoss.sigmoid:
+        problems.append(f"objective.label_smoothing applies to objective.loss_type=sigmoid "
+                        f"(got {objective.loss_type.value})")
+    if data.packing:
+        problems.append(f"data.packing with objective={name}: a pair's two answers are scored as whole sequences; "
+                        "set data.packing=false")
+    if data.train_on_prompt:
+        problems.append(f"data.train_on_prompt with objective={name}: preference objectives score the answers "
+                        "only; set data.train_on_prompt=false")
+    if cfg.train.neftune_alpha:
+        problems.append(f"train.neftune_alpha with objective={name}: NEFTune's noise is for SFT and would reach the "
+                        "reference pass too; set train.neftune_alpha=null")
+    return problems
 
 
 ONE_TARGET = ("give exactly one of run_dir=RUN_FOLDER (a trained run) or model=MODEL (a merged export, a model "

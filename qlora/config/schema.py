@@ -59,6 +59,24 @@ class DataFormat(str, Enum):
     alpaca = "alpaca"
     chat = "chat"
     text = "text"
+    preference = "preference"
+
+
+class ObjectiveName(str, Enum):
+    """What the adapter is trained to do: imitate answers (sft) or prefer one answer of a pair (the others)."""
+
+    sft = "sft"
+    dpo = "dpo"
+    orpo = "orpo"
+    simpo = "simpo"
+
+
+class DPOLoss(str, Enum):
+    """The DPO loss on the pair's reward margin h (Rafailov et al. 2023; IPO: Azar et al. 2023)."""
+
+    sigmoid = "sigmoid"
+    ipo = "ipo"
+    hinge = "hinge"
 
 
 class Overlong(str, Enum):
@@ -249,6 +267,12 @@ class ColumnsConfig:
     """chat: the message field naming the speaker; None: `role` (OpenAI) or `from` (ShareGPT)."""
     content: str | None = None
     """chat: the message field holding the text; None: `content` (OpenAI) or `value` (ShareGPT)."""
+    prompt: str = "prompt"
+    """preference: the prompt, text or a list of messages (may be missing when chosen and rejected hold it)."""
+    chosen: str = "chosen"
+    """preference: the preferred answer: text, a list of messages, or a whole Human / Assistant transcript."""
+    rejected: str = "rejected"
+    """preference: the dispreferred answer, in the same layout as chosen."""
 
 
 @dataclass
@@ -269,7 +293,8 @@ class DataConfig:
     """A local json / jsonl / csv / parquet file, or a hub dataset id."""
     format: DataFormat = DataFormat.alpaca
     """alpaca: instruction / input / output records; chat: conversations (OpenAI or ShareGPT layout) rendered
-    with a chat template; text: raw text for continued pretraining."""
+    with a chat template; text: raw text for continued pretraining; preference: prompt / chosen / rejected pairs
+    for objective=dpo, orpo or simpo (docs/preference.md)."""
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     """Field names of the records."""
     roles: RolesConfig = field(default_factory=RolesConfig)
@@ -425,6 +450,27 @@ class DistConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    """What the adapter is trained to do. sft: the next-token loss on the answers. dpo, orpo, simpo: prefer each
+    pair's chosen answer to its rejected one (data.format=preference; docs/preference.md)."""
+
+    name: ObjectiveName = ObjectiveName.sft
+    """sft, dpo (against the base with the adapter switched off as the reference), orpo or simpo (no reference)."""
+    beta: float = 0.1
+    """dpo: the KL strength beta (0.1; smaller lets the policy move further from the base); orpo: lambda, the
+    weight of the odds-ratio term beside the chosen answer's NLL (0.1); simpo: the reward scale beta (2.0)."""
+    loss_type: DPOLoss = DPOLoss.sigmoid
+    """dpo: sigmoid (the DPO paper's), ipo (squared distance of the margin from 1 / (2 beta)), hinge (SLiC's)."""
+    label_smoothing: float = 0.0
+    """dpo sigmoid: the assumed share of pairs whose labels are flipped (conservative DPO), in [0, 0.5)."""
+    precompute_reference: bool = False
+    """dpo: false computes the reference log-probs in each step, from the base with the adapter disabled (no second
+    copy of the weights); true computes them once before training and keeps them in cache_dir beside the tokens."""
+    gamma: float = 1.0
+    """simpo: the target reward margin gamma."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
@@ -433,6 +479,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     output_dir: str = "???"
     """Run folder: config.yaml, adapter/, tokenizer/, metrics.jsonl, train.log. Default runs/RECIPE/TIMESTAMP."""
     seed: int = 42

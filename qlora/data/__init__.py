@@ -22,10 +22,12 @@ from qlora.config import AUTO, Config, DataConfig, DataFormat
 from qlora.data.batches import (
     Collator,
     LengthGroupedBatches,
+    PairCollator,
     eval_batches,
     model_inputs,
     pack,
     padding_fraction,
+    pairs,
     split_by_record,
     unpacked,
 )
@@ -41,9 +43,10 @@ from qlora.data.records import Source, read_source
 
 __all__ = [
     "CHAT_TEMPLATES", "IGNORE_INDEX", "Collator", "DataStats", "Example", "HeldOutSample", "LengthGroupedBatches",
-    "Source", "TokenizedData", "alpaca_chat_template", "alpaca_prompt", "batches_from", "encode", "eval_batches",
-    "first_batch", "held_out_samples", "load", "loaders", "model_inputs", "pack", "padding_fraction", "prompt_ids",
-    "read_source", "stop_token_ids", "unpacked", "use_chat_template", "with_seq_len",
+    "PairCollator", "Source", "TokenizedData", "alpaca_chat_template", "alpaca_prompt", "batches_from", "bounded_eval",
+    "chat_rendered", "encode", "eval_batches", "first_batch", "held_out_samples", "load", "loaders", "model_inputs",
+    "pack", "padding_fraction", "pairs", "prompt_ids", "read_source", "stop_token_ids", "unpacked", "use_chat_template",
+    "with_seq_len",
 ]
 
 log = logging.getLogger(__name__)
@@ -156,21 +159,38 @@ def loaders(data: TokenizedData, cfg: DataConfig, *, micro_batch_size: int, seq_
             num_workers: int, rank: int = 0,
             world: int = 1) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader | None]:
     """The train loader (packed or length-grouped, reshuffled every epoch; process `rank` of `world` gets its
-    share of the batches) and the eval loader (unpacked, whole on every process)."""
-    rows = pack(data.train, seq_len) if cfg.packing else unpacked(data.train)
-    sampler = LengthGroupedBatches([sum(len(e) for e in row) for row in rows], micro_batch_size, seed,
-                                   group=cfg.group_by_length or cfg.packing, rank=rank, world=world)
+    share of the batches) and the eval loader (unpacked, whole on every process). Preference data is batched by pair
+    (micro_batch_size pairs, 2 x micro_batch_size sequences), each loader's collate_fn a PairCollator."""
+    preference = cfg.format == DataFormat.preference
+    rows = pairs(data.train) if preference else pack(data.train, seq_len) if cfg.packing else unpacked(data.train)
+
+    def lengths(rows: list) -> list[int]:
+        return [max(len(e) for e in row) if preference else sum(len(e) for e in row) for row in rows]
+
+    def collator(packed: bool):
+        return PairCollator(pad_id) if preference else Collator(pad_id, packed)
+
+    sampler = LengthGroupedBatches(lengths(rows), micro_batch_size, seed, group=cfg.group_by_length or cfg.packing,
+                                   rank=rank, world=world)
     # Each loader draws its workers' base seed from its own generator: from the global one, every new epoch
     # (and a resume) would shift the dropout masks that follow.
-    train = torch.utils.data.DataLoader(rows, batch_sampler=sampler, collate_fn=Collator(pad_id, cfg.packing),
+    train = torch.utils.data.DataLoader(rows, batch_sampler=sampler, collate_fn=collator(cfg.packing),
                                         num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
     if not data.eval:
         return train, None
-    eval_rows = unpacked(data.eval)
-    evaluation = torch.utils.data.DataLoader(eval_rows, batch_sampler=eval_batches([len(e) for e in data.eval],
-                                             micro_batch_size), collate_fn=Collator(pad_id, packed=False),
+    eval_rows = pairs(data.eval) if preference else unpacked(data.eval)
+    evaluation = torch.utils.data.DataLoader(eval_rows, batch_sampler=eval_batches(lengths(eval_rows),
+                                             micro_batch_size), collate_fn=collator(False),
                                              generator=torch.Generator().manual_seed(seed))
     return train, evaluation
+
+
+def bounded_eval(data: TokenizedData, cfg: DataConfig, sequences: int) -> TokenizedData:
+    """`data` with its eval split cut to its first `sequences` sequences (whole pairs of preference data, at least
+    one)."""
+    if cfg.format == DataFormat.preference:
+        sequences = max(2, sequences - sequences % 2)
+    return replace(data, eval=data.eval[:sequences])
 
 
 def first_batch(loader: torch.utils.data.DataLoader) -> dict[str, torch.Tensor]:
@@ -193,7 +213,7 @@ def batches_from(loader: torch.utils.data.DataLoader, sampler: LengthGroupedBatc
 
 def prompt_ids(text: str, cfg: DataConfig, tokenizer) -> list[int]:
     """Token ids of a user prompt as the data format presents it, ending where the model's answer starts."""
-    if cfg.format == DataFormat.chat:
+    if chat_rendered(cfg, tokenizer):
         rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                                  add_generation_prompt=True)
         return tokenizer(rendered, add_special_tokens=False)["input_ids"]
@@ -202,11 +222,20 @@ def prompt_ids(text: str, cfg: DataConfig, tokenizer) -> list[int]:
 
 
 
+def chat_rendered(cfg: DataConfig, tokenizer) -> bool:
+    """Whether prompts are put to the model through its chat template: chat data, and preference data when the
+    tokenizer has a template (as use_chat_template installed it)."""
+    if cfg.format == DataFormat.chat:
+        return True
+    return cfg.format == DataFormat.preference and isinstance(tokenizer.chat_template, str) \
+        and bool(tokenizer.chat_template)
+
+
 def stop_token_ids(cfg: DataConfig, tokenizer) -> list[int]:
     """The tokens the trained model ends an answer with: EOS, and for chat data the special token that closes
     an assistant turn in the template (such as <|im_end|> or <|eot_id|>)."""
     ids = [tokenizer.eos_token_id]
-    if cfg.format != DataFormat.chat or not tokenizer.chat_template:
+    if not chat_rendered(cfg, tokenizer):
         return ids
     mark = "qlora-answer-end"
     text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}],

@@ -156,6 +156,31 @@ class Collator:
         return batch
 
 
+def pairs(examples: list[Example]) -> list[Row]:
+    """Preference examples (chosen, rejected, chosen, ...) as rows of one pair each."""
+    rows = [examples[k:k + 2] for k in range(0, len(examples), 2)]
+    if any(len(row) != 2 or row[0].record != row[1].record for row in rows):
+        raise ValueError("preference examples must come as (chosen, rejected) pairs of one record")
+    return rows
+
+
+class PairCollator:
+    """Right-pads pairs into one batch of 2 x pairs rows, every chosen answer first and then every rejected one, so
+    that one forward scores both. Precomputed reference log-probs (`reference`: record -> (chosen, rejected)) come
+    along as `reference_logps`, in the same order."""
+
+    def __init__(self, pad_id: int, reference: dict[int, tuple[float, float]] | None = None) -> None:
+        self.collate = Collator(pad_id, packed=False)
+        self.reference = reference
+
+    def __call__(self, rows: list[Row]) -> dict[str, torch.Tensor]:
+        batch = self.collate([[chosen] for chosen, _ in rows] + [[rejected] for _, rejected in rows])
+        if self.reference is not None:
+            logps = [self.reference[chosen.record] for chosen, _ in rows]
+            batch["reference_logps"] = torch.tensor([c for c, _ in logps] + [r for _, r in logps], dtype=torch.float32)
+        return batch
+
+
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The forward() arguments of a batch: packed rows pass position ids, and no batch passes an attention mask.
 

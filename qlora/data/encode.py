@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from qlora.config import DataConfig, DataFormat, OnInvalid, Overlong
-from qlora.data.formats import RecordError, render
+from qlora.data.formats import RecordError, render, render_pair
 from qlora.data.records import Source, fingerprint, read_source
 from qlora.errors import QloraError
 
@@ -120,6 +120,8 @@ def _refuse_invalid(path: str, why: list[str], records: int, cfg: DataConfig) ->
 def encode(source: Source, cfg: DataConfig, tokenizer, template: str | None,
            seq_len: int) -> tuple[list[Example], DataStats]:
     """Tokenize every record of `source`; raises QloraError naming the bad rows if there are any."""
+    if cfg.format == DataFormat.preference:
+        return encode_pairs(source, cfg, tokenizer, template, seq_len)
     samples, problems = [], []
     for i, row in enumerate(source.rows):
         try:
@@ -168,6 +170,64 @@ def encode(source: Source, cfg: DataConfig, tokenizer, template: str | None,
             input_ids, labels = input_ids[:seq_len], labels[:seq_len]
             truncated += 1
         examples.append(_example(input_ids, labels, i))
+    return _checked(source, cfg, tokenizer, examples, problems, overlong, seq_len=seq_len, truncated=truncated,
+                    dropped=dropped)
+
+
+def encode_pairs(source: Source, cfg: DataConfig, tokenizer, template: str | None,
+                 seq_len: int) -> tuple[list[Example], DataStats]:
+    """Tokenize preference records into two examples each, chosen then rejected, sharing the prompt's tokens (the
+    prompt is tokenized once); only the answers (and the EOS appended where an answer has none) are trained.
+
+    A pair longer than seq_len keeps its whole prompt and cuts the answers (data.overlong=truncate), or is dropped or
+    refused per data.overlong; a prompt that alone fills seq_len is an invalid record.
+    """
+    pairs, problems = [], []
+    for i, row in enumerate(source.rows):
+        try:
+            pairs.append(render_pair(row, cfg, tokenizer, template))
+        except RecordError as e:
+            problems.append((i, str(e)))
+            pairs.append(None)
+    texts = [t for pair in pairs if pair is not None for t in (*pair.prompt, pair.chosen, pair.rejected)]
+    ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    prefix, eos = special_prefix(tokenizer), tokenizer.eos_token_id
+    examples, overlong = [], []
+    truncated = dropped = 0
+    for i, pair in enumerate(pairs):
+        if pair is None:
+            continue
+        prompt = ([] if pair.templated else list(prefix)) + [t for _ in pair.prompt for t in next(ids)]
+        answers = [next(ids), next(ids)]
+        if not all(answers):
+            problems.append((i, "an answer tokenizes to nothing, so it has no log-probability to compare"))
+            continue
+        answers = [a if eos in a else [*a, eos] for a in answers]
+        longest = len(prompt) + max(len(a) for a in answers)
+        if len(prompt) >= seq_len:
+            problems.append((i, f"its prompt alone is {len(prompt)} tokens, filling train.seq_len={seq_len}, so no "
+                                "answer token would be scored; raise train.seq_len or shorten the prompt"))
+            continue
+        if longest > seq_len:
+            if cfg.overlong == Overlong.error:
+                overlong.append((i, f"is {longest} tokens (prompt and longer answer), longer than "
+                                    f"train.seq_len={seq_len}"))
+                continue
+            if cfg.overlong == Overlong.drop:
+                dropped += 1
+                continue
+            answers = [a[:seq_len - len(prompt)] for a in answers]
+            truncated += 1
+        for answer in answers:
+            examples.append(_example(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer, i))
+    return _checked(source, cfg, tokenizer, examples, problems, overlong, seq_len=seq_len, truncated=truncated,
+                    dropped=dropped)
+
+
+def _checked(source: Source, cfg: DataConfig, tokenizer, examples: list[Example], problems: list[tuple[int, str]],
+             overlong: list[tuple[int, str]], *, seq_len: int, truncated: int,
+             dropped: int) -> tuple[list[Example], DataStats]:
+    """The examples and their stats, once the records' problems are allowed (or raised, naming them)."""
     problems.sort()
     why = [f"{source.where(i)}: {message}" for i, message in problems]
     _refuse_invalid(source.name, why, len(source.rows), cfg)

@@ -13,6 +13,7 @@ text and whatever end-of-turn marker the template writes, so the model learns to
 from __future__ import annotations
 
 import json
+from typing import NamedTuple
 
 from qlora.config import CHAT_TEMPLATE_NAMES, ColumnsConfig, DataConfig, DataFormat, RolesConfig
 from qlora.errors import QloraError
@@ -75,8 +76,13 @@ def alpaca_chat_template(bos: bool) -> str:
 
 
 def resolve_chat_template(cfg: DataConfig, tokenizer) -> str | None:
-    """The Jinja chat template that data.chat_template selects, or None for formats other than chat."""
-    if cfg.format != DataFormat.chat:
+    """The Jinja chat template that data.chat_template selects: None for alpaca and text data, and for preference
+    data when neither data.chat_template nor the tokenizer has one."""
+    if cfg.format == DataFormat.preference:  # message-list pairs need one, text pairs are used as written
+        if cfg.chat_template is None:
+            own = tokenizer.chat_template
+            return own if isinstance(own, str) and own else None
+    elif cfg.format != DataFormat.chat:
         return None
     choice = cfg.chat_template
     if choice is None:
@@ -106,12 +112,14 @@ def render_alpaca(record: dict, columns: ColumnsConfig) -> list[Segment]:
 
 
 def sample_texts(record: dict, cfg: DataConfig) -> tuple[str, str]:
-    """A valid alpaca or chat record's prompt and answer, for people: the instruction (and input) and the output;
-    the user turn before the first assistant turn, and that turn."""
+    """A valid alpaca, chat or preference record's prompt and answer, for people: the instruction (and input) and the
+    output; the user turn before the first assistant turn, and that turn; the prompt and the chosen answer."""
     if cfg.format == DataFormat.alpaca:
         context = record.get(cfg.columns.input)
         instruction = _text(record, cfg.columns.instruction)
         return (f"{instruction}\n\n{context}" if context else instruction), _text(record, cfg.columns.output)
+    if cfg.format == DataFormat.preference:
+        return _pair_texts(record, cfg)
     conversation = messages(record, cfg.columns, cfg.roles)
     first = next(n for n, m in enumerate(conversation) if m["role"] == "assistant")
     asked = [m["content"] for m in conversation[:first] if m["role"] == "user"]
@@ -126,7 +134,16 @@ def messages(record: dict, columns: ColumnsConfig, roles: RolesConfig) -> list[d
     field = columns.messages or next((k for k in ("messages", "conversations") if k in record), None)
     if field is None or field not in record:
         raise RecordError(f"no '{columns.messages or 'messages'}' (or 'conversations') field")
-    turns = _maybe_json(record[field])
+    normalised = _turns(record[field], field, columns, roles)
+    last = max((n for n, m in enumerate(normalised) if m["role"] == "assistant"), default=None)
+    if last is None:
+        raise RecordError(f"'{field}' has no assistant turn, so nothing would be trained")
+    return normalised[:last + 1]
+
+
+def _turns(value, field: str, columns: ColumnsConfig, roles: RolesConfig) -> list[dict]:
+    """A field's list of messages as [{role, content}] with roles system / user / assistant."""
+    turns = _maybe_json(value)
     if not isinstance(turns, list) or not turns:
         raise RecordError(f"'{field}' must be a non-empty list of messages")
     by_name = {name: role for role, names in vars(roles).items() for name in names}
@@ -144,10 +161,7 @@ def messages(record: dict, columns: ColumnsConfig, roles: RolesConfig) -> list[d
         if not isinstance(content, str) or (not content.strip() and by_name[name] != "system"):
             raise RecordError(f"'{field}'[{n}].{content_key} is missing or empty")
         normalised.append({"role": by_name[name], "content": content})
-    last = max((n for n, m in enumerate(normalised) if m["role"] == "assistant"), default=None)
-    if last is None:
-        raise RecordError(f"'{field}' has no assistant turn, so nothing would be trained")
-    return normalised[:last + 1]
+    return normalised
 
 
 def render_chat(conversation: list[dict], tokenizer, template: str) -> list[Segment]:
@@ -208,3 +222,123 @@ def _maybe_json(value):
         except json.JSONDecodeError:
             return value
     return value
+
+
+HH_ASSISTANT = "\n\nAssistant:"
+"""Where an assistant turn starts in an Anthropic HH transcript ("\\n\\nHuman: ...\\n\\nAssistant: ...")."""
+
+
+class Pair(NamedTuple):
+    """A preference record rendered: the prompt once for both answers, and each answer as the text its tokens are
+    scored on (with the end of turn the template writes)."""
+
+    prompt: list[str]
+    """The prompt's segments, tokenized separately as chat SFT tokenizes them."""
+    chosen: str
+    rejected: str
+    templated: bool
+    """Rendered by the chat template (which writes its own BOS), not used as written."""
+
+
+def render_pair(record: dict, cfg: DataConfig, tokenizer, template: str | None) -> Pair:
+    """A preference record as a Pair, or RecordError naming the field at fault.
+
+    Layouts: text prompt / chosen / rejected (used as written); chosen and rejected as message lists sharing their
+    turns before the last assistant turn, with an optional prompt list (rendered by the chat template as chat SFT
+    renders them; only the last assistant turn is scored); chosen and rejected as Human / Assistant transcripts,
+    whose prompt is their shared text up to the last assistant turn.
+    """
+    columns = cfg.columns
+    for key in (columns.chosen, columns.rejected):
+        if record.get(key) is None:
+            raise RecordError(f"'{key}' is missing")
+    chosen, rejected = _maybe_json(record[columns.chosen]), _maybe_json(record[columns.rejected])
+    templated = isinstance(chosen, list) and isinstance(rejected, list)
+    if templated:
+        prompt, answers = _chat_pair(record, chosen, rejected, cfg, tokenizer, template)
+    elif isinstance(chosen, str) and isinstance(rejected, str):
+        prompt, answers = _text_pair(record, columns)
+    else:
+        raise RecordError(f"'{columns.chosen}' and '{columns.rejected}' must both be text or both be message lists "
+                          f"(got {type(chosen).__name__} and {type(rejected).__name__})")
+    if answers[0] == answers[1]:
+        raise RecordError(f"'{columns.chosen}' and '{columns.rejected}' are the same answer, so there is nothing "
+                          "to prefer")
+    return Pair(prompt, *answers, templated)
+
+
+def _text_pair(record: dict, columns: ColumnsConfig) -> tuple[list[str], tuple[str, str]]:
+    chosen, rejected = _text(record, columns.chosen), _text(record, columns.rejected)
+    if record.get(columns.prompt) is not None:
+        return [_text(record, columns.prompt)], (chosen, rejected)
+    # Anthropic HH: both transcripts repeat the conversation, and differ in the last assistant turn.
+    if HH_ASSISTANT not in chosen or HH_ASSISTANT not in rejected:
+        raise RecordError(f"no '{columns.prompt}' field, and '{columns.chosen}' / '{columns.rejected}' are not "
+                          "Human / Assistant transcripts (no '\\n\\nAssistant:' turn); give a prompt field")
+    cut_chosen = chosen.rindex(HH_ASSISTANT) + len(HH_ASSISTANT)
+    cut_rejected = rejected.rindex(HH_ASSISTANT) + len(HH_ASSISTANT)
+    if chosen[:cut_chosen] != rejected[:cut_rejected]:
+        raise RecordError(f"'{columns.chosen}' and '{columns.rejected}' diverge before their last assistant turn, so "
+                          "they answer different prompts")
+    answers = chosen[cut_chosen:], rejected[cut_rejected:]
+    for key, answer in zip((columns.chosen, columns.rejected), answers, strict=True):
+        if not answer.strip():
+            raise RecordError(f"'{key}' has an empty last assistant turn")
+    return [chosen[:cut_chosen]], answers
+
+
+def _chat_pair(record: dict, chosen: list, rejected: list, cfg: DataConfig, tokenizer,
+               template: str | None) -> tuple[list[str], tuple[str, str]]:
+    columns, roles = cfg.columns, cfg.roles
+    if template is None:
+        raise RecordError(f"'{columns.chosen}' and '{columns.rejected}' are message lists, and the tokenizer has no "
+                          f"chat template to render them; set data.chat_template (one of "
+                          f"{', '.join(CHAT_TEMPLATE_NAMES)}, or a Jinja template)")
+    conversations = [_turns(chosen, columns.chosen, columns, roles), _turns(rejected, columns.rejected, columns, roles)]
+    prompt = record.get(columns.prompt)
+    if isinstance(_maybe_json(prompt), list):
+        given = _turns(prompt, columns.prompt, columns, roles)
+        conversations = [given + c for c in conversations]
+    elif isinstance(prompt, str) and all(m["role"] == "assistant" for c in conversations for m in c):
+        conversations = [[{"role": "user", "content": prompt}] + c for c in conversations]  # answers given alone
+    cuts = []
+    for key, conversation in zip((columns.chosen, columns.rejected), conversations, strict=True):
+        last = max((n for n, m in enumerate(conversation) if m["role"] == "assistant"), default=None)
+        if last is None:
+            raise RecordError(f"'{key}' has no assistant turn, so there is no answer to score")
+        cuts.append(last)
+    (chosen, rejected), (n_chosen, n_rejected) = conversations, cuts
+    if chosen[:n_chosen] != rejected[:n_rejected]:
+        raise RecordError(f"'{columns.chosen}' and '{columns.rejected}' diverge before their last assistant turn "
+                          f"(message {_first_difference(chosen[:n_chosen], rejected[:n_rejected])}), so they answer "
+                          "different prompts")
+    rendered = []
+    for conversation, last in zip(conversations, cuts, strict=True):
+        segments = render_chat(conversation[:last + 1], tokenizer, template)
+        answer = max(n for n, (_, trained) in enumerate(segments) if trained)
+        rendered.append(([text for text, _ in segments[:answer]], segments[answer][0]))
+    (prompt_chosen, answer_chosen), (prompt_rejected, answer_rejected) = rendered
+    if prompt_chosen != prompt_rejected:
+        raise RecordError("the chat template renders the shared prompt differently before each answer, so the pair "
+                          "cannot share one prompt; check data.chat_template")
+    return prompt_chosen, (answer_chosen, answer_rejected)
+
+
+def _first_difference(a: list, b: list) -> int:
+    return next((n for n, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def _pair_texts(record: dict, cfg: DataConfig) -> tuple[str, str]:
+    """A valid preference record's last user request and chosen answer, as written."""
+    columns = cfg.columns
+    chosen, prompt = _maybe_json(record[columns.chosen]), _maybe_json(record.get(columns.prompt))
+    if isinstance(chosen, str):
+        if isinstance(prompt, str):
+            return prompt, chosen
+        asked, _, answer = chosen.rpartition(HH_ASSISTANT)
+        return asked.rpartition("\n\nHuman:")[2].strip(), answer.strip()
+    turns = (_turns(prompt, columns.prompt, columns, cfg.roles) if isinstance(prompt, list) else []) \
+        + _turns(chosen, columns.chosen, columns, cfg.roles)
+    last = max(n for n, m in enumerate(turns) if m["role"] == "assistant")
+    asked = [m["content"] for m in turns[:last] if m["role"] == "user"]
+    return (asked[-1] if asked else prompt if isinstance(prompt, str) else ""), turns[last]["content"]

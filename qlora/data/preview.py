@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from qlora.config import Config
+from qlora.config import Config, DataFormat
 from qlora.data import IGNORE_INDEX, Example, LengthGroupedBatches, pack, padding_fraction, unpacked
 
 GREEN, RESET = "\033[32m", "\033[0m"
@@ -27,10 +27,13 @@ def preview(config: Config, tokenizer, data, samples: int, *, out=None) -> None:
     legend = f"{GREEN}green{RESET}" if colour else "between [[ and ]]"
     print(f"\ntrained tokens (the loss is taken on them) are {legend}", file=out)
 
-    shown = sorted(data.train + data.eval, key=lambda e: e.record)[:samples]
-    for n, example in enumerate(shown, start=1):
+    pairs = config.data.format == DataFormat.preference  # (chosen, rejected) of each record, shown together
+    shown = sorted(data.train + data.eval, key=lambda e: e.record)[:samples * (2 if pairs else 1)]
+    for n, example in enumerate(shown):
         trained = int((example.labels[1:] != IGNORE_INDEX).sum())
-        print(f"\n--- sample {n}: record {example.record + 1}, {len(example)} tokens, {trained} trained ---", file=out)
+        which = f" ({'rejected' if n % 2 else 'chosen'})" if pairs else ""
+        print(f"\n--- sample {n // 2 + 1 if pairs else n + 1}{which}: record {example.record + 1}, {len(example)} "
+              f"tokens, {trained} trained ---", file=out)
         print(render_marked(example, tokenizer, colour), file=out)
 
     print(f"\nlength histogram (tokens per sequence, {len(data.train)} train sequences):", file=out)
@@ -45,7 +48,7 @@ def preview(config: Config, tokenizer, data, samples: int, *, out=None) -> None:
     for label, table, row_lengths, group in (
         ("random batches", rows, lengths, False),
         ("length-grouped batches", rows, lengths, True),
-        (f"packed into {seq_len}-token rows", packed, packed_lengths, True),
+        *([] if pairs else [(f"packed into {seq_len}-token rows", packed, packed_lengths, True)]),
     ):
         batches = LengthGroupedBatches(row_lengths, batch, config.seed, group).batches(0)
         print(f"  {label:<32} {padding_fraction(table, batches):6.1%}  ({len(table)} rows)", file=out)

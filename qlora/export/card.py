@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from qlora.config import ExportCommand, ExportFormat, LoraInit, MergeMode, QuantMethod
+from qlora.config import ExportCommand, ExportFormat, LoraInit, MergeMode, ObjectiveName, QuantMethod
 from qlora.runfolder import TrainedRun
 
 _WHAT = {
@@ -32,6 +32,7 @@ def model_card(run: TrainedRun, cmd: ExportCommand, verification, *, files: list
         quant = "none (16/32-bit base)"
     lora = config.lora
     eval_loss = run.state.get("final_eval_loss")
+    preference = config.objective.name != ObjectiveName.sft
     lines = ["---"]
     if hub_id:
         lines.append(f"base_model: {base}")
@@ -48,11 +49,12 @@ def model_card(run: TrainedRun, cmd: ExportCommand, verification, *, files: list
               f"| adapter init | {_init(config)} |",
               f"| quality options | {_options(config)} |",
               f"| recipe | {run.recipe or '(not recorded)'} |",
+              f"| objective | {_objective(config)} |",
               f"| data | `{config.data.path}` ({config.data.format.value}) |",
               f"| steps | {run.state.get('step')} of {config.train.max_steps}, batch "
               f"{config.train.micro_batch_size * config.train.grad_accum_steps}, lr {config.optim.lr:g}, "
               f"{config.optim.name.value} |",
-              f"| final eval loss | {_loss(eval_loss)} |",
+              f"| final eval loss | {_pair_loss(eval_loss) if preference else _loss(eval_loss)} |",
               f"| run | `{run.folder}` |", ""]
     if options.format != ExportFormat.adapter:
         lines += ["## Merge", "",
@@ -120,3 +122,22 @@ def _options(config) -> str:
 
 def _loss(loss: float | None) -> str:
     return "(no eval split)" if loss is None else f"{loss:.4f} (perplexity {math.exp(min(loss, 50)):.2f})"
+
+
+def _objective(config) -> str:
+    """The training objective and the keys that shape it."""
+    objective = config.objective
+    name = objective.name
+    if name == ObjectiveName.sft:
+        return "sft (next-token loss on the answers)"
+    if name == ObjectiveName.dpo:
+        reference = "precomputed" if objective.precompute_reference else "in each step"
+        return (f"dpo ({objective.loss_type.value}, beta={objective.beta:g}, label smoothing "
+                f"{objective.label_smoothing:g}; reference: the base with the adapter disabled, {reference})")
+    if name == ObjectiveName.orpo:
+        return f"orpo (lambda={objective.beta:g})"
+    return f"simpo (beta={objective.beta:g}, gamma={objective.gamma:g})"
+
+
+def _pair_loss(loss: float | None) -> str:
+    return "(not measured)" if loss is None else f"{loss:.4f} per pair"

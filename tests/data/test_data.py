@@ -11,28 +11,11 @@ import pytest
 from qlora import data as qdata
 from qlora.config import ColumnsConfig, DataConfig, DataFormat, OnInvalid, Overlong, RolesConfig
 from qlora.data.formats import resolve_chat_template
-from qlora.demo import build_bpe_tokenizer, build_demo_tokenizer, demo_records
+from qlora.demo import build_demo_tokenizer
 from qlora.errors import QloraError
+from tests.data.conftest import CHAT
 
 IGNORE = qdata.IGNORE_INDEX
-
-CHAT = [
-    {"role": "system", "content": "You are a farmer."},
-    {"role": "user", "content": "What sound does a cow make?"},
-    {"role": "assistant", "content": "A cow says moo."},
-    {"role": "user", "content": "And a duck?"},
-    {"role": "assistant", "content": "A duck says quack."},
-]
-
-
-@pytest.fixture(scope="module")
-def bpe(tmp_path_factory):
-    """A byte-level BPE tokenizer (ChatML template, pad distinct from EOS) trained on demo and chat text."""
-    corpus = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
-    rows = demo_records() + [{"messages": CHAT}]
-    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return build_bpe_tokenizer(str(corpus), 400)
-
 
 def encode(rows, tokenizer, seq_len=256, **settings):
     cfg = DataConfig(path="d.jsonl", **settings)
