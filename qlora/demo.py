@@ -233,19 +233,22 @@ SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 
 
 def concise_pairs(records: list[dict], *, max_chars: int = 400) -> list[dict]:
-    """Preference pairs that teach conciseness, from Alpaca records: for each record whose output has two or more
-    sentences (and at most `max_chars` characters), the chosen answer is its first sentence and the rejected one the
-    whole output. In the chat layout (chosen / rejected message lists sharing the user turn), so an instruct model
-    sees them in its own chat template. The behaviour is visible in greedy answers: they stop after a sentence."""
-    pairs = []
+    """Preference pairs that teach short, on-topic answers, from Alpaca records whose output has two or more
+    sentences (and at most `max_chars` characters): the chosen answer is the record's first sentence, the rejected one
+    the next such record's whole output (long, and about something else). In the chat layout (chosen / rejected
+    message lists sharing the user turn), so an instruct model sees them in its own chat template.
+
+    The rejected answer is another record's so that the two share no answer prefix: with the whole output rejected,
+    the first sentence is common to both and DPO's easiest way to widen the margin is an early end of turn, which
+    left SmolLM2 answering nothing (docs/preference.md)."""
+    kept = []
     for record in records:
         output = (record.get("output") or "").strip()
         sentences = SENTENCE_END.split(output)
-        if len(sentences) < 2 or len(output) > max_chars or len(sentences[0]) < 20:
-            continue
-        context = (record.get("input") or "").strip()
-        request = f"{record['instruction']}\n\n{context}" if context else record["instruction"]
-        asked = {"role": "user", "content": request}
-        pairs.append({"chosen": [asked, {"role": "assistant", "content": sentences[0]}],
-                      "rejected": [asked, {"role": "assistant", "content": output}]})
-    return pairs
+        if len(sentences) >= 2 and len(output) <= max_chars and len(sentences[0]) >= 20:
+            context = (record.get("input") or "").strip()
+            request = f"{record['instruction']}\n\n{context}" if context else record["instruction"]
+            kept.append(({"role": "user", "content": request}, sentences[0], output))
+    return [{"chosen": [asked, {"role": "assistant", "content": first}],
+             "rejected": [asked, {"role": "assistant", "content": kept[(n + 1) % len(kept)][2]}]}
+            for n, (asked, first, _) in enumerate(kept)]

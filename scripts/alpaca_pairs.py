@@ -2,7 +2,8 @@
 
     python scripts/alpaca_pairs.py ../shared/data/alpaca_5000.json ~/.cache/qlora/data/alpaca-concise-pairs.jsonl
 
-Each pair prefers an answer's first sentence to the whole answer (qlora.demo.concise_pairs), in the chat layout.
+Each pair prefers an answer's first sentence to another record's whole answer (qlora.demo.concise_pairs), in the
+chat layout.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from qlora.objective import PreferenceLoss
 from qlora.plan import plan
 from qlora.report import read_run, summary_rows
 from qlora.train import _setup_model, run
-from tests.runs import preference, run_differences, write_demo_pairs
+from tests.runs import preference, qlora_cli, run_differences, write_demo_pairs
 
 CPU = torch.device("cpu")
 LN2 = math.log(2)
@@ -225,3 +225,23 @@ def test_cfg_job_shows_the_objective(pairs):
     config = compose_config(["objective=simpo", "data.format=preference", f"data.path={pairs}"])
     assert (config.objective.name.value, config.objective.beta, config.objective.gamma) == ("simpo", 2.0, 1.0)
     assert resolve_chat_template(config.data, load_tokenizer(config.model)) is None  # text pairs, no template
+
+
+@pytest.mark.slow
+def test_a_dpo_run_exports_generates_and_evaluates_like_any_run(tiny_config, pairs, tmp_path):
+    result = run(tiny_config(*preference(pairs), "train.max_steps=3", "train.eval_every_steps=0",
+                             "train.report=false"))
+    export = qlora_cli("export", f"run_dir={result.output_dir}", f"output_dir={tmp_path / 'merged'}", cwd=tmp_path)
+    assert export.returncode == 0, export.stderr
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert "| objective | dpo (sigmoid, beta=0.1, label smoothing 0; reference: the base with the adapter disabled, " \
+           "in each step) |" in card
+    generated = qlora_cli("generate", f"run_dir={result.output_dir}", "prompt=What does a duck eat?",
+                          "max_new_tokens=4", cwd=tmp_path)
+    assert generated.returncode == 0 and generated.stdout.strip(), generated.stderr
+    scored = qlora_cli("eval", f"run_dir={result.output_dir}", f"output={tmp_path / 'eval.json'}", cwd=tmp_path)
+    assert scored.returncode == 0, scored.stderr
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["data"]["which"] == "eval split, chosen answers"
+    assert report["data"]["sequences"] == 18  # the chosen answers of the held-out pairs (10% of 180 records)
+    assert math.isfinite(report["results"][0]["perplexity"])
