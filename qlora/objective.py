@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 
 PAIR_TERMS = ("loss", "reward_chosen", "reward_rejected", "reward_accuracy", "logps_chosen", "logps_rejected")
 """What PreferenceLoss sums over a batch's pairs, in its output's order."""
+PAIR_METRICS = ("loss", "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy", "logps_chosen",
+                "logps_rejected")
+"""A preference run's metrics (and, with eval_, its held-out ones), in the order metrics.jsonl has them."""
 
 
 def is_preference(objective: ObjectiveConfig) -> bool:
@@ -70,10 +73,8 @@ def means(objective: ObjectiveConfig, sums: list[float], count: int) -> dict[str
     if not is_preference(objective):
         return {"loss": sums[0] / max(count, 1)}
     values = dict(zip(PAIR_TERMS, (s / max(count, 1) for s in sums), strict=True))
-    order = ("loss", "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy", "logps_chosen",
-             "logps_rejected")
     values["reward_margin"] = values["reward_chosen"] - values["reward_rejected"]
-    return {k: values[k] for k in order}
+    return {k: values[k] for k in PAIR_METRICS}
 
 
 def pair_terms(objective: ObjectiveConfig, logps: torch.Tensor, counts: torch.Tensor,
