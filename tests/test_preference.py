@@ -139,6 +139,7 @@ def test_the_reference_is_the_base_with_the_adapter_disabled(pair_setup):
     assert torch.equal(reference, separate)
 
 
+@pytest.mark.slow  # a training run
 def test_dpo_starts_at_ln2_with_every_reward_zero(tiny_config, pairs, tmp_path):
     result = run(tiny_config(*preference(pairs), "train.max_steps=2", "train.eval_every_steps=2"))
     rows = read_metrics(result.output_dir)
