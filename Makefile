@@ -4,8 +4,14 @@
 demo: setup
 	.venv/bin/qlora train
 
+# pytest-xdist: one worker per core (at most 4), tests that share a run or a module's fixtures kept on one worker
+# (tests/conftest.py groups them and orders the longest groups first), the cores' threads shared among the workers.
+# docs/testing.md has the measured times; PYTEST_WORKERS=0 runs everything in one process.
+PYTEST_WORKERS ?= auto
+XDIST = $(if $(filter 0,$(PYTEST_WORKERS)),-p no:xdist,-n $(PYTEST_WORKERS) --maxprocesses 4 --dist loadgroup --no-loadscope-reorder)
+
 test: setup
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q $(XDIST)
 
 # The tests that are not marked slow: config, data, plan, loss, CLI errors (under 2 minutes on 2 cores); no training run,
 # export, resume, torchrun or real model.

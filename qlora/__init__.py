@@ -3,4 +3,4 @@
 Importing the package loads neither torch nor bitsandbytes; the modules that need them import them.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -34,13 +34,12 @@ from omegaconf import OmegaConf
 
 from qlora.config import Config
 from qlora.errors import QloraError, first_line
-from qlora.files import write_folder_atomic
+from qlora.files import NO_SPACE, disk_full, folder_bytes, out_of_space, write_folder_atomic
 
 log = logging.getLogger(__name__)
 
 FOLDER = "checkpoints"
 _NAME = re.compile(r"^step-(\d+)$")
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 # Keys that may differ between a checkpoint's config and the resumed run's without changing what is computed.
 HARMLESS_KEYS = frozenset({
@@ -107,20 +106,49 @@ def folder(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / FOLDER / f"step-{step:06d}"
 
 
-def save(run_dir: Path, step: int, write: Callable[[Path], None], keep: int) -> Path:
-    """Write checkpoint `step` with `write(folder)`, atomically; then keep only the newest `keep` (0: all)."""
+def save(run_dir: Path, step: int, write: Callable[[Path], None], keep: int, needed: int = 0) -> Path:
+    """Write checkpoint `step` with `write(folder)`, atomically; then keep only the newest `keep` (0: all).
+
+    A disk that runs out while writing leaves the earlier checkpoints as they were, and a QloraError names the
+    folder, the bytes needed (what the newest checkpoint took, or `needed` for the first) and what is free."""
     target = folder(run_dir, step)
     target.parent.mkdir(exist_ok=True)
+    previous = [p for p in complete_checkpoints(run_dir) if p != target]
+    needed = folder_bytes(previous[-1]) if previous else needed
+    kept = f"checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
     try:
         write_folder_atomic(target, write)
-    except OSError as e:
-        previous = [p for p in complete_checkpoints(run_dir) if p != target]
-        kept = f"checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+    except Exception as e:
+        if out_of_space(e, target.parent, needed):
+            raise QloraError(f"{disk_full(target.parent, f'checkpoint {target.name}', needed)}; {kept}. free disk "
+                             "space (or lower train.keep_checkpoints), then continue with resume=auto") from e
+        if not isinstance(e, OSError):
+            raise
         raise QloraError(f"{_why(e)} while writing checkpoint {target}; {kept}. "
                          f"{_fix(e)}, then continue with resume=auto") from e
     for old in complete_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def estimated_bytes(*states) -> int:
+    """About what torch.save / safetensors write for these nested dicts and lists of tensors: their bytes, a
+    record's overhead per tensor, and a margin for the small files beside them."""
+    tensors = []
+
+    def walk(x) -> None:
+        if isinstance(x, torch.Tensor):
+            tensors.append(x)
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+
+    for state in states:
+        walk(state)
+    return sum(t.numel() * t.element_size() + 4096 for t in tensors) + 2**16
 
 
 def write_parts(folder: Path, *, model, adapter: dict | None, optimizer: dict, scheduler: dict, scaler: dict | None,
@@ -146,18 +174,13 @@ def remove_partial(run_dir: Path) -> None:
 
 
 def _why(e: OSError) -> str:
-    if e.errno in _NO_SPACE:
+    if e.errno in NO_SPACE:
         return "disk full" if e.errno != errno.EFBIG else "file size limit reached"
     return f"{e.strerror or e}"
 
 
 def _fix(e: OSError) -> str:
-    return "free disk space (or lower train.keep_checkpoints)" if e.errno in _NO_SPACE else "fix the file system"
-
-
-def no_space_message(e: OSError, what: str, fallback: str) -> str:
-    """One line for a failed final write: the cause, and that the checkpoint still holds the result."""
-    return f"{_why(e)} while saving {what}; {fallback}. {_fix(e)}, then rerun with resume=auto to save it again"
+    return "free disk space (or lower train.keep_checkpoints)" if e.errno in NO_SPACE else "fix the file system"
 
 
 # ----------------------------------------------------------------------------------------------- RNG

@@ -213,7 +213,7 @@ def _plan(cmd, overrides: list[str]) -> None:
 
     from qlora import plan as planning
 
-    config = _validated_config(overrides)
+    config = _plan_config(overrides)
     if config.train.seq_len == "auto":  # chosen from the data's lengths, as `qlora train` chooses it
         config = _with_seq_len(config, _tokenizer(config))
     device = cmd.device.value if cmd.device else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -355,6 +355,37 @@ def _tokenizer(config):
     tokenizer = load_tokenizer(config.model)
     data.use_chat_template(config.data, tokenizer)
     return tokenizer
+
+
+NO_DATA = "data.path: value is required but not set"
+
+
+def _plan_config(overrides: list[str]):  # -> qlora.config.Config
+    """The config to plan. Memory needs no data: where the recipe needs a data.path that the overrides do not give
+    (recipe=custom, a user's model), plan at the stated train.seq_len or, with seq_len=auto, at the model's context,
+    saying which on stderr and that data.path makes it exact."""
+    import dataclasses
+
+    from qlora.errors import ConfigError
+    from qlora.model import check_model_config, max_positions
+
+    try:
+        return _validated_config(overrides)
+    except ConfigError as e:
+        if not any(p.startswith(NO_DATA) for p in e.problems):
+            raise
+    config = _validated_config([*overrides, "data.path="])
+    seq_len = config.train.seq_len
+    if seq_len == "auto":
+        seq_len = max_positions(check_model_config(config.model, "auto"))
+        if seq_len is None:
+            raise ConfigError("train.seq_len=auto and no data.path: the model's config states no context length to "
+                              "plan at; give train.seq_len=N or data.path=FILE")
+        said = f"at the model's context, {seq_len} tokens (train.seq_len=auto, no data.path)"
+    else:
+        said = f"at train.seq_len={seq_len} (no data.path)"
+    print(f"qlora: planning {said}; data.path=FILE plans the sequence length the data needs", file=sys.stderr)
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, seq_len=seq_len))
 
 
 def _with_seq_len(config, tokenizer):

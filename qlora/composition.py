@@ -20,7 +20,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
-from qlora.config import Config, builds_scratch_model
+from qlora.config import Config, builds_scratch_model, renamed_key_message
 from qlora.config.assets import CONFIG_DIR, RECIPE_DIR, recipe_description, recipe_paths
 from qlora.errors import ConfigError, first_line
 
@@ -30,12 +30,23 @@ __all__ = ["CONFIG_DIR", "HYDRA_VERSION_BASE", "RECIPE_DIR", "compose_command", 
 HYDRA_VERSION_BASE = "1.3"
 
 
+_registered: tuple | None = None
+"""What `register` last stored: the ConfigStore it stored into and each recipe file's name, size and mtime."""
+
+
 def register() -> None:
-    """Store the schema and every recipe in Hydra's ConfigStore (idempotent)."""
+    """Store the schema and every recipe in Hydra's ConfigStore (idempotent). Building the schema's node and
+    parsing the recipes costs about 0.4 s, so it is done again only when a recipe file changed."""
+    global _registered
     store = ConfigStore.instance()
+    paths = recipe_paths()
+    key = (id(store), tuple((name, p.stat().st_size, p.stat().st_mtime_ns) for name, p in paths.items()))
+    if key == _registered and "qlora_schema.yaml" in store.repo:
+        return
     store.store(name="qlora_schema", node=Config)
-    for name, path in recipe_paths().items():
+    for name, path in paths.items():
         store.store(group="recipe", name=name, node=OmegaConf.load(path), package="_global_")
+    _registered = key
 
 
 def to_config(cfg: DictConfig) -> Config:
@@ -72,8 +83,10 @@ def compose_config(overrides: list[str]) -> Config:
     Raises ConfigError with a one-line explanation for unknown keys, wrong types and unknown group options.
     """
     with _hydra_context():
-        chosen = _choose_recipe(overrides)
-        return _compose(overrides + ([f"recipe={chosen}"] if chosen else []))
+        if any(o.key_or_group == "recipe" for o in parse_overrides(overrides)):
+            return _compose(overrides)
+        config = _compose(overrides)  # the demo's recipe unless the model is the user's own
+        return config if builds_scratch_model(config.model) else _compose([*overrides, f"recipe={OWN_MODEL_RECIPE}"])
 
 
 def choose_recipe(overrides: list[str]) -> str | None:
@@ -138,6 +151,8 @@ def check_keys(schema: type, args: list[str]) -> None:
         allowed = schema_keys(parent, schema)
         where = f"'{parent}'" if parent else "the top level"
         hint = f"keys in {where}: {', '.join(allowed)}" if allowed else "this command takes no keys"
+        if sep and (renamed := renamed_key_message(key)):
+            raise ConfigError(renamed)
         raise ConfigError(f"unknown config key '{key}'; {hint}" if sep and key
                           else f"'{arg}': expected key=value ({hint})")
 
@@ -202,6 +217,8 @@ def _explain_omegaconf(e: OmegaConfBaseException, schema: type = Config) -> str:
     key = getattr(e, "full_key", None) or ""
     message = first_line(getattr(e, "msg", None) or e)
     if message.startswith("Key '") and " not in " in message:
+        if renamed := renamed_key_message(key):
+            return renamed
         parent, _, name = key.rpartition(".")
         allowed = schema_keys(parent, schema)
         where = f"'{parent}'" if parent else "the top level"

@@ -125,6 +125,8 @@ class MetricsLog:
         """Close metrics.jsonl and end every logger's run; a logger that fails to close is a warning, not an error."""
         try:
             self.file.close()
+        except OSError:  # pending only after a row's flush failed (a full disk), and that failure was raised
+            pass
         finally:
             self._close_backends()
 
@@ -135,8 +137,16 @@ class MetricsLog:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """Every row of a run's metrics.jsonl."""
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    """Every row of a run's metrics.jsonl. A last line without its newline is a row whose write was cut short (a
+    full disk, a kill mid-write) and is left out when it does not parse."""
+    text = (Path(run_dir) / "metrics.jsonl").read_text()
+    lines = text.splitlines()
+    torn = lines[-1] if lines and not text.endswith("\n") else None
+    if torn is not None:
+        try:
+            json.loads(torn)
+        except ValueError:
+            lines.pop()
     return [json.loads(line) for line in lines if line.strip()]
 
 

@@ -27,7 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 from qlora import checkpoint
 from qlora.config import Config, without_removed_keys
 from qlora.errors import QloraError, first_line
-from qlora.files import write_folder_atomic, write_text_atomic
+from qlora.files import disk_full, out_of_space, write_folder_atomic, write_text_atomic
 
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] %(message)s"
 
@@ -106,15 +106,26 @@ def commit(config: Config, tokenizer, runlog: RunLog, recipe: str | None = None)
 def save_results(out: Path, model, adapter: dict | None, *, samples: list[dict], summary: dict) -> None:
     """The finished run's adapter (`adapter` holds its tensors when they were gathered from shards), samples.json and,
     last, summary.json."""
+    needed = checkpoint.estimated_bytes(adapter if adapter is not None else trainable_state(model))
     try:
         write_folder_atomic(out / "adapter", lambda folder: model.save_pretrained(str(folder), state_dict=adapter))
         if samples:
             write_text_atomic(out / "samples.json", json.dumps(samples, indent=2) + "\n")
         write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    except OSError as e:
+    except Exception as e:
+        full = out_of_space(e, out, needed)
+        if not full and not isinstance(e, OSError):
+            raise
         found = checkpoint.complete_checkpoints(out)
         kept = f"checkpoint {found[-1]} holds the trained weights" if found else "no checkpoint holds them"
-        raise QloraError(checkpoint.no_space_message(e, f"the adapter to {out}", kept)) from e
+        why = disk_full(out, "the adapter", needed) if full else f"{e.strerror or e} while saving the adapter to {out}"
+        fix = "free disk space" if full else "fix the file system"
+        raise QloraError(f"{why}; {kept}. {fix}, then rerun with resume=auto to save it again") from e
+
+
+def trainable_state(model) -> dict:
+    """The parameters that train (the adapter's), by name: what save_pretrained writes."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
 class RunLog(logging.Handler):
@@ -148,7 +159,7 @@ class RunLog(logging.Handler):
             self.file.handle(record)
 
     def commit(self, path: Path) -> None:
-        self.file = logging.FileHandler(path, mode="a", encoding="utf-8")
+        self.file = _LogFile(path, mode="a", encoding="utf-8")
         self.file.setFormatter(logging.Formatter(LOG_FORMAT))
         for record in self.held:
             self.file.handle(record)
@@ -159,6 +170,26 @@ class RunLog(logging.Handler):
         if self.file is not None:
             self.file.handle(logging.makeLogRecord({"name": "qlora", "levelno": logging.ERROR,
                                                     "levelname": "ERROR", "msg": message}))
+
+
+class _LogFile(logging.FileHandler):
+    """train.log. A line that cannot be written (a full disk) ends the file, not the run, and prints no traceback:
+    the run's next write of its own (a metrics row, a checkpoint) stops it with the cause in one line."""
+
+    failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self.failed = True
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # flushing what a full disk would not take
+            pass
 
 
 @dataclass

@@ -16,6 +16,8 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from qlora.composition import recipe_description, recipe_paths
 from qlora.config import Config, DistStrategy, OnNonFinite, OptimConfig, TrainConfig, validate
 from qlora.errors import QloraError
 from qlora.evaluation import score, scored_tokens
+from qlora.files import disk_full, out_of_space
 from qlora.generate import greedy_answers
 from qlora.lora import attach_lora, init_adapter
 from qlora.loss import loss_inputs
@@ -199,7 +202,8 @@ def _run(config: Config, accelerator: Accelerator, resumed: checkpoint.Checkpoin
     # Everything checked: from here on, output_dir holds this run
     accelerator.wait_for_everyone()  # every process has read output_dir (its checkpoints) before it changes
     if accelerator.is_main_process:
-        runfolder.commit(config, tokenizer, runlog, recipe)
+        with _stop_when_disk_full(out, model, optimizer):
+            runfolder.commit(config, tokenizer, runlog, recipe)
         metrics = MetricsLog(out, config.train.loggers, config.train.project, out.resolve().name, asdict(config),
                              start=state.step, history=None if resumed is None
                              else checkpoint.run_dir_of(resumed.path) / "metrics.jsonl")
@@ -211,7 +215,8 @@ def _run(config: Config, accelerator: Accelerator, resumed: checkpoint.Checkpoin
     try:
         if resumed is not None:
             checkpoint.set_rng_state(resumed.rng)  # last: what the uninterrupted run would draw next
-        train_loop(training, state)
+        with _stop_when_disk_full(out, model, optimizer):
+            train_loop(training, state)
     finally:
         metrics.close()
 
@@ -307,6 +312,23 @@ def _precompute_reference(config: Config, loss, train_loader, eval_loader, pad_i
              len(train_loader.dataset) + (len(eval_loader.dataset) if eval_loader else 0), time.perf_counter() - t0)
 
 
+@contextmanager
+def _stop_when_disk_full(out: Path, model, optimizer) -> Iterator[None]:
+    """A run-folder write (train.log, metrics.jsonl, config.yaml, the tokenizer) that finds the disk full stops the
+    run with one line naming the folder, what the run still needs and the checkpoint that is intact (checkpoint
+    writes say so themselves)."""
+    try:
+        yield
+    except OSError as e:
+        if not out_of_space(e):
+            raise
+        found = checkpoint.complete_checkpoints(out)
+        kept = f"checkpoint {found[-1]} is intact" if found else "no checkpoint was written yet"
+        needed = checkpoint.estimated_bytes(runfolder.trainable_state(model), optimizer.state_dict())
+        raise QloraError(f"{disk_full(out, 'the run (its next checkpoint)', needed)}; {kept}. free disk space, then "
+                         "continue with resume=auto") from e
+
+
 def save_checkpoint(training: Training, state: TrainState) -> Path:
     """Checkpoint the run at `state` (atomically; the main process writes, every process must call this);
     returns its folder."""
@@ -320,7 +342,9 @@ def save_checkpoint(training: Training, state: TrainState) -> Path:
             folder, model=model, adapter=adapter, optimizer=optimizer, scheduler=training.scheduler.state_dict(),
             scaler=accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
             state={**asdict(state), "samples_before": training.samples_before},
-            config_yaml=runfolder.config_yaml(training.config)), training.config.train.keep_checkpoints)
+            config_yaml=runfolder.config_yaml(training.config)), training.config.train.keep_checkpoints,
+            needed=checkpoint.estimated_bytes(adapter if adapter is not None else runfolder.trainable_state(model),
+                                              optimizer))
         log.info("step %d: checkpoint %s", state.step, path)
     accelerator.wait_for_everyone()  # no process reads checkpoints or stops before this one is complete
     return path

@@ -261,3 +261,27 @@ def test_loftq_init_plan_bounds_what_it_allocates_and_lora_plus_changes_no_state
     assert estimate.optimizer_bytes == measured_state_bytes(optimizer)
     plain = plan(tiny_config(), "cpu")  # the init's copies sit under the training peak; the process's own bytes vary
     assert estimate.total_bytes - estimate.host_bytes == plain.total_bytes - plain.host_bytes
+
+
+def test_a_users_model_is_planned_without_data_at_its_context_or_the_stated_seq_len(tmp_path, capsys):
+    """recipe=custom sizes sequences from the data, but memory needs none: with no data.path, `qlora plan` plans at
+    the model's context (seq_len=auto) or at the stated train.seq_len, and says which; a given data.path is still
+    checked."""
+    from transformers import LlamaConfig
+
+    from qlora import cli
+
+    folder = tmp_path / "model"  # a config, no weights
+    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=1000, max_position_embeddings=1024).save_pretrained(folder)
+    assert cli.main(["plan", f"model.name_or_path={folder}"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ("qlora: planning at the model's context, 1024 tokens (train.seq_len=auto, no data.path); "
+                   "data.path=FILE plans the sequence length the data needs\n")
+    assert "micro batch 4 x seq_len 1024" in out  # recipe=custom's micro batch
+    assert cli.main(["plan", f"model.name_or_path={folder}", "train.seq_len=256"]) == 0
+    out, err = capsys.readouterr()
+    assert err.startswith("qlora: planning at train.seq_len=256 (no data.path);") and "x seq_len 256" in out
+    assert cli.main(["plan", f"model.name_or_path={folder}", f"data.path={tmp_path}/none.jsonl"]) == 2
+    assert capsys.readouterr().err == (f"qlora: config error: data.path: {tmp_path}/none.jsonl does not exist; give a "
+                                       "json/jsonl/csv/parquet file or a hub dataset id\n")

@@ -11,7 +11,6 @@ import torch
 
 from qlora import data as qdata
 from qlora import demo
-from qlora.composition import compose_config
 from qlora.config import validate
 from qlora.data.formats import resolve_chat_template
 from qlora.errors import ConfigError
@@ -222,9 +221,10 @@ def test_the_plan_counts_two_sequences_per_pair_and_the_reference_pass(tiny_conf
     assert dpo.largest_micro_batch(96) * 2 <= sft.largest_micro_batch(96) if sft.capacity_bytes else True
 
 
-def test_cfg_job_shows_the_objective(pairs):
-    config = compose_config(["objective=simpo", "data.format=preference", f"data.path={pairs}"])
+def test_cfg_job_shows_the_objective(tiny_config, pairs):
+    config = tiny_config("objective=simpo", "data.format=preference", f"data.path={pairs}")
     assert (config.objective.name.value, config.objective.beta, config.objective.gamma) == ("simpo", 2.0, 1.0)
+    demo.prepare_assets(config)  # the test's own cache, not a user's ~/.cache/qlora that `make demo` filled
     assert resolve_chat_template(config.data, load_tokenizer(config.model)) is None  # text pairs, no template
 
 

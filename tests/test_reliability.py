@@ -138,7 +138,8 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(reference, 
         (folder / "optimizer.pt").write_bytes(b"partial")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    with pytest.raises(QloraError, match=rf"^disk full while writing checkpoint .*step-000099; checkpoint "
+    with pytest.raises(QloraError, match=rf"^disk full in {run_dir / 'checkpoints'}: checkpoint step-000099 needs "
+                                         rf"about [\d.]+ KiB, [\d.]+ [KMGT]iB free; checkpoint "
                                          rf".*{previous.name} is intact\. free disk space"):
         checkpoint.save(run_dir, 99, write, keep=1)
     assert snapshot(run_dir) == before

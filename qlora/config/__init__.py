@@ -47,6 +47,7 @@ from qlora.config.schema import (
     AUTO,
     CHAT_TEMPLATE_NAMES,
     REMOVED_KEYS,
+    RENAMED_KEYS,
     ArchitectureConfig,
     ColumnsConfig,
     Config,
@@ -76,6 +77,7 @@ from qlora.config.schema import (
     ScratchModelConfig,
     ScratchTokenizer,
     TrainConfig,
+    renamed_key_message,
     without_removed_keys,
 )
 
@@ -85,8 +87,8 @@ __all__ = [
     "ExportCommand", "ExportConfig", "ExportFormat", "GGUFType", "GenerateCommand", "Logger", "LoraConfig", "LoraInit",
     "MergeMode", "MixedPrecision", "ModelConfig", "ObjectiveConfig", "ObjectiveName", "OnInvalid", "OnNonFinite",
     "OptimConfig", "OptimizerName", "Overlong", "PlanCommand", "PreviewCommand", "QuantConfig", "QuantMethod",
-    "REMOVED_KEYS", "RecipesCommand", "ReportCommand", "RolesConfig", "Schedule", "ScratchArchitecture",
+    "REMOVED_KEYS", "RENAMED_KEYS", "RecipesCommand", "ReportCommand", "RolesConfig", "Schedule", "ScratchArchitecture",
     "ScratchModelConfig", "ScratchTokenizer", "TrainConfig", "builds_scratch_model", "data_problems", "dist_problems",
     "generates_demo_data", "inside", "is_data_file", "is_jinja", "logger_problems", "size_bytes", "validate",
-    "validate_eval", "validate_export", "validate_generate", "without_removed_keys",
+    "validate_eval", "validate_export", "validate_generate", "renamed_key_message", "without_removed_keys",
 ]

@@ -501,9 +501,24 @@ CHAT_TEMPLATE_NAMES = ("chatml", "llama3")
 """The built-in chat templates data.chat_template can name (their text: qlora.data.formats.CHAT_TEMPLATES)."""
 
 
+RENAMED_KEYS = {
+    "train.eval_max_batches": ("train.eval_max_sequences", "0.2.0", "it counts sequences, not batches"),
+}
+"""Keys a release renamed: old dotted key -> (its new name, the release that renamed it, what else changed).
+CHANGELOG.md lists each; an override that uses an old name is refused with the new one."""
+
 REMOVED_KEYS = {"train": ("eval_max_batches",)}
 """Keys earlier versions wrote into a run's config.yaml that the schema no longer has (train.eval_max_batches became
 train.eval_max_sequences): dropped when an old run folder is read, so its runs still export, evaluate and resume."""
+
+
+def renamed_key_message(key: str) -> str | None:
+    """One line for a key an earlier release named differently (None when `key` was never renamed)."""
+    if key not in RENAMED_KEYS:
+        return None
+    new, version, note = RENAMED_KEYS[key]
+    return (f"'{key}' was renamed '{new}' in qlora {version} ({note}; CHANGELOG.md lists every renamed key); "
+            f"write {new}=...")
 
 
 def without_removed_keys(saved: dict) -> dict:

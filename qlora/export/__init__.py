@@ -23,6 +23,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ from qlora.config import (
 from qlora.device import default_device
 from qlora.errors import QloraError, first_line
 from qlora.export.verify import Comparison, Probe, as_merged, compare, logits_of, probe
-from qlora.files import fsync_dir, fsync_tree
+from qlora.files import disk_full, folder_bytes, fsync_dir, fsync_tree, out_of_space
 from qlora.model import TORCH_DTYPES
 from qlora.runfolder import TrainedRun, read_trained
 
@@ -135,10 +136,11 @@ def export(cmd: ExportCommand) -> ExportResult:
                             f"{options.dtype.value} costs, {_precision(autocast)}")
     log.info("trained model loaded and probed on %s in %.1fs", sample.source, time.perf_counter() - t0)
 
+    needed = _export_bytes(trained, run, options)
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     try:
+        staging.mkdir(parents=True)
         hf_dir = staging / ".hf" if options.format == ExportFormat.gguf else staging
         if options.format == ExportFormat.adapter:
             _write_adapter(run, tokenizer, staging)
@@ -156,10 +158,35 @@ def export(cmd: ExportCommand) -> ExportResult:
             _check_merged(hf_dir, run, options, sample, as_trained, reference, verification, device,
                           gguf=(staging, out.name) if options.format == ExportFormat.gguf else None)
         _write_card(run, cmd, verification, staging, tokenizer)
-    except BaseException:
+        return _finish(staging, out, cmd.overwrite, verification)
+    except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, Exception) and not isinstance(e, QloraError) and out_of_space(e, out.parent, needed):
+            raise QloraError(f"{disk_full(out.parent, f'the export {out.name}', needed)}; nothing was left in "
+                             f"{out.parent} and the run is unchanged. free disk space or choose another output_dir, "
+                             "then export again") from e
         raise
-    return _finish(staging, out, cmd.overwrite, verification)
+
+
+_GGUF_BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}
+"""What a GGUF file stores per weight of each type (q8_0: 32 int8 values and an f16 scale per block)."""
+
+
+def _export_bytes(trained, run: TrainedRun, options: ExportConfig) -> int:
+    """About the disk the export takes while it is written: the merged folder (in export.dtype) and, for a GGUF
+    export, the file beside it; the adapter folder for export.format=adapter."""
+    if options.format == ExportFormat.adapter:
+        return folder_bytes(run.adapter) + 2**20  # and the tokenizer
+    weights = 0
+    for name, param in trained.named_parameters():
+        if "lora_" not in name:
+            state = getattr(param, "quant_state", None)  # a 4-bit weight is stored packed, two values a byte
+            weights += math.prod(state.shape) if state is not None else param.numel()
+    merged = weights * TORCH_DTYPES[options.dtype].itemsize
+    if options.format == ExportFormat.gguf:
+        tensor_type = _GGUF_FOR_DTYPE[options.dtype] if options.gguf_type == GGUFType.auto else options.gguf_type.value
+        merged += int(weights * _GGUF_BYTES_PER_WEIGHT[tensor_type])
+    return merged + 2**20  # the tokenizer, config and card
 
 
 def _measure_original(run: TrainedRun, options: ExportConfig, sample: Probe, as_trained: list[torch.Tensor],

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
 
+import qlora
 from qlora.composition import (
     compose_config,
     expand_sweeps,
@@ -116,6 +118,9 @@ def test_command_line_beats_recipe(tmp_path):
     ("lora.r=abc", "lora.r: Value 'abc' of type 'str' could not be converted to Integer"),
     ("optim.name=sgd", "optim.name: Invalid value 'sgd', expected one of [paged_adamw_8bit"),
     ("bogus=1", "unknown config key 'bogus'; keys in the top level: model, quant"),
+    ("train.eval_max_batches=4", "'train.eval_max_batches' was renamed 'train.eval_max_sequences' in qlora 0.2.0 "
+                                 "(it counts sequences, not batches; CHANGELOG.md lists every renamed key); write "
+                                 "train.eval_max_sequences=..."),
 ])
 def test_bad_overrides_name_the_key_and_the_choices(override, expected, tmp_path):
     with pytest.raises(ConfigError) as e:
@@ -308,3 +313,17 @@ def test_quality_options_compose_and_validate(tmp_path):
     with pytest.raises(ConfigError, match="lora.init: Invalid value 'lofq', expected one of \\[default, gaussian, "
                                           "loftq"):
         compose_config(["lora.init=lofq", f"output_dir={tmp_path}"])
+
+
+def test_every_renamed_key_is_in_the_changelog_under_its_release_and_refused_by_every_command():
+    from qlora.composition import check_keys, schema_keys
+    from qlora.config import RENAMED_KEYS, PlanCommand
+
+    changelog = (REPO / "CHANGELOG.md").read_text()
+    releases = dict(re.findall(r"^## \[([\d.]+)\][^\n]*\n(.*?)(?=^## |\Z)", changelog, flags=re.M | re.S))
+    assert qlora.__version__ in releases, f"CHANGELOG.md has no section for qlora {qlora.__version__}"
+    for old, (new, version, _) in RENAMED_KEYS.items():
+        assert f"`{old}` -> `{new}`" in releases[version].partition("### Renamed")[2].partition("###")[0], old
+        assert old not in {f"{p}.{k}" for p in ("train",) for k in schema_keys(p)}
+        with pytest.raises(ConfigError, match=rf"^config error: '{re.escape(old)}' was renamed '{re.escape(new)}'"):
+            check_keys(PlanCommand, [f"{old}=1"])
