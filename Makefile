@@ -4,11 +4,11 @@
 demo: setup
 	.venv/bin/qlora train
 
-# pytest-xdist: one worker per core (at most 4), tests that share a run or a module's fixtures kept on one worker
-# (tests/conftest.py groups them and orders the longest groups first), the cores' threads shared among the workers.
-# docs/testing.md has the measured times; PYTEST_WORKERS=0 runs everything in one process.
+# pytest-xdist: one worker per core (at most 4); a test file, or the files sharing a trained run, go to one worker,
+# longest first (tests/conftest.py); the cores' threads are shared among the workers. docs/testing.md has the
+# measured times; PYTEST_WORKERS=0 runs everything in one process.
 PYTEST_WORKERS ?= auto
-XDIST = $(if $(filter 0,$(PYTEST_WORKERS)),-p no:xdist,-n $(PYTEST_WORKERS) --maxprocesses 4 --dist loadgroup --no-loadscope-reorder)
+XDIST = $(if $(filter 0,$(PYTEST_WORKERS)),-p no:xdist,-n $(PYTEST_WORKERS) --maxprocesses 4 --dist loadscope)
 
 test: setup
 	.venv/bin/python -m pytest -q $(XDIST)

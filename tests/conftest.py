@@ -21,6 +21,8 @@ it); everything else a test builds goes to the run's own cache (QLORA_CACHE, set
 
 @pytest.hookimpl(trylast=True)  # after pytest's own, which sets up tmp_path_factory
 def pytest_configure(config):
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(SharedRunScheduling(), "qlora-shared-run-scheduling")
     # Hermetic: a test that falls back to the default cache_dir builds there, never reads what `make demo` left.
     # Set once by the controlling process (or the only one), inherited by xdist workers and subprocesses alike.
     if "PYTEST_XDIST_WORKER" not in os.environ:
@@ -82,28 +84,54 @@ def smollm2_run(smollm2, cache_dir, tmp_path_factory):
                                f"output_dir={out}"]))
 
 
-SHARED_RUN_FIXTURES = ("smollm2_run",)
-"""Session fixtures that train a run: under pytest-xdist (`--dist loadgroup`) the tests using one go to one worker,
-so the run is trained once."""
+SHARED_RUN_FILES = {"tests/test_smollm2.py": "smollm2_run", "tests/export/test_export_smollm2.py": "smollm2_run"}
+"""Test files whose tests share a session fixture that trains a run (smollm2_run), and the name of the work unit they
+form under pytest-xdist: one worker runs them all, so the run is trained once. Every other file is a unit of its own
+(its module fixtures, a reference run or built models, are built once)."""
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the groups
+def work_unit(nodeid: str) -> str:
+    """The pytest-xdist work unit of a test: its file's, or the shared run's for SHARED_RUN_FILES."""
+    path = nodeid.partition("::")[0]
+    return SHARED_RUN_FILES.get(path, path)
+
+
+class SharedRunScheduling:
+    """pytest-xdist's scope scheduling with `work_unit` as the scope. (Its `--dist loadgroup` would group by
+    xdist_group marks, but on pytest 9 the node id it rewrites to carry the group no longer changes, so nothing is
+    grouped.) Units are handed out in collection order, which pytest_collection_modifyitems makes longest first."""
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_xdist_make_scheduler(self, config, log):
+        from xdist.scheduler import LoadScopeScheduling
+
+        class Scheduling(LoadScopeScheduling):
+            def _split_scope(self, nodeid: str) -> str:
+                return work_unit(nodeid)
+
+        config.option.loadscopereorder = False
+        return Scheduling(config, log)
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     import torch
 
-    groups: dict[str, list] = {}
+    units: dict[str, list] = {}
     for item in items:
-        # A test file's module fixtures (a reference run, built models) are built once: its tests share a worker.
-        shared = next((f for f in SHARED_RUN_FIXTURES if f in item.fixturenames), item.nodeid.partition("::")[0])
-        item.add_marker(pytest.mark.xdist_group(shared))
-        groups.setdefault(shared, []).append(item)
-    # The longest groups first (make test passes --no-loadscope-reorder, so workers take groups in this order): the
-    # real model's, then the other end-to-end ones; the many short tests fill in at the end. Each group stays in
-    # one piece and in its order, so a module's fixtures are built once in one process too.
-    def cost(group: list) -> int:
-        return min(0 if "smollm2" in item.fixturenames else 1 if "slow" in item.keywords else 2 for item in group)
+        unit = work_unit(item.nodeid)
+        units.setdefault(unit, []).append(item)
+        if "smollm2_run" in item.fixturenames and unit != "smollm2_run":
+            raise pytest.UsageError(f"{item.nodeid} uses smollm2_run: list its file in tests/conftest.py's "
+                                    "SHARED_RUN_FILES, so the run is trained once under pytest-xdist")
 
-    items[:] = [item for group in sorted(groups.values(), key=cost) for item in group]
+    # The longest units first, since workers take them in this order: the real model's, then the other end-to-end
+    # ones; the many short tests fill in at the end. Each unit stays in one piece and in its order, so a module's
+    # fixtures are built once in a single process too.
+    def cost(unit: list) -> int:
+        return min(0 if "smollm2" in item.fixturenames else 1 if "slow" in item.keywords else 2 for item in unit)
+
+    items[:] = [item for unit in sorted(units.values(), key=cost) for item in unit]
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
