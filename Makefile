@@ -6,8 +6,10 @@ demo: setup
 
 # pytest-xdist: one worker per core (at most 4); a test file, or the files sharing a trained run, go to one worker,
 # longest first (tests/conftest.py); the cores' threads are shared among the workers. docs/testing.md has the
-# measured times; PYTEST_WORKERS=0 runs everything in one process.
-PYTEST_WORKERS ?= auto
+# measured times. The default is still one process: with two workers one test (the SmolLM2 plan-vs-run check, whose
+# subprocess inherits OMP_NUM_THREADS=1) measured 0.70 of its plan, below its 0.85 bound; `PYTEST_WORKERS=auto`
+# runs the parallel suite (12 min 51 s, that one test failing) until that is settled.
+PYTEST_WORKERS ?= 0
 XDIST = $(if $(filter 0,$(PYTEST_WORKERS)),-p no:xdist,-n $(PYTEST_WORKERS) --maxprocesses 4 --dist loadscope)
 
 test: setup
