@@ -6,10 +6,8 @@ demo: setup
 
 # pytest-xdist: one worker per core (at most 4); a test file, or the files sharing a trained run, go to one worker,
 # longest first (tests/conftest.py); the cores' threads are shared among the workers. docs/testing.md has the
-# measured times. The default is still one process: with two workers one test (the SmolLM2 plan-vs-run check, whose
-# subprocess inherits OMP_NUM_THREADS=1) measured 0.70 of its plan, below its 0.85 bound; `PYTEST_WORKERS=auto`
-# runs the parallel suite (12 min 51 s, that one test failing) until that is settled.
-PYTEST_WORKERS ?= 0
+# measured times. PYTEST_WORKERS=0 runs one process (2 threads), N that many workers.
+PYTEST_WORKERS ?= auto
 XDIST = $(if $(filter 0,$(PYTEST_WORKERS)),-p no:xdist,-n $(PYTEST_WORKERS) --maxprocesses 4 --dist loadscope)
 
 test: setup

@@ -13,8 +13,11 @@ pytestmark = pytest.mark.slow
 
 
 def test_the_memory_plan_holds_for_a_real_run_of_the_qlora_command(smollm2, tmp_path):
-    """One shape of scripts/plan_vs_run.py: the plan's peak against the process's VmHWM, within 15% (measured
-    0.957 at 4 x 256, docs/plan.md; before the plan priced malloc's heap, 8 x 384 measured 1.58)."""
+    """One shape of scripts/plan_vs_run.py: the plan's peak against the process's VmHWM. Under glibc's defaults the
+    same run peaks at one of two figures, by whether malloc's heap keeps the first step's temporaries (4 x 256, 11
+    identical runs: 8 at 3.02-3.13 GiB, 3 at 4.29-4.43 GiB, docs/plan.md). The plan prices the heap, so it must hold
+    the high one within 15% and not be more than 1/0.6 of the low one (before the plan priced malloc's heap, 8 x 384
+    measured 1.58 of it)."""
     import importlib.util
 
     from tests.runs import REPO
@@ -24,7 +27,7 @@ def test_the_memory_plan_holds_for_a_real_run_of_the_qlora_command(smollm2, tmp_
     spec.loader.exec_module(script)
     summary = script.measure(str(smollm2), str(ALPACA_5000), 4, 256, tmp_path / "run")
     assert summary["planned_memory_gb"] is not None
-    assert 0.85 < summary["peak_memory_gb"] / summary["planned_memory_gb"] < 1.15, summary
+    assert 0.6 < summary["peak_memory_gb"] / summary["planned_memory_gb"] < 1.15, summary
 
 
 def test_dpo_on_generated_pairs_shifts_its_choices_and_its_answers(smollm2, cache_dir, tmp_path):
