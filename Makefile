@@ -6,10 +6,8 @@ demo: setup
 
 # pytest-xdist: one worker per core (at most 4); a test file, or the files sharing a trained run, go to one worker,
 # longest first (tests/conftest.py); the cores' threads are shared among the workers. docs/testing.md has the
-# measured times. PYTEST_WORKERS=auto runs the parallel suite (about 13 min); the default is still one process
-# (2 threads, about 18 min): one of three parallel fresh-clone runs lost a torchrun rank to SIGABRT
-# ("terminate called without an active exception", test_distributed fsdp), not yet explained (docs/testing.md).
-PYTEST_WORKERS ?= 0
+# measured times (about 13 min on 2 cores). PYTEST_WORKERS=0 runs one process (about 18 min).
+PYTEST_WORKERS ?= auto
 XDIST = $(if $(filter 0,$(PYTEST_WORKERS)),-p no:xdist,-n $(PYTEST_WORKERS) --maxprocesses 4 --dist loadscope)
 
 test: setup

@@ -14,7 +14,9 @@ them, starts the process group (NCCL on GPUs, gloo on CPUs) and places each proc
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import functools
 import logging
 import os
 from datetime import timedelta
@@ -54,7 +56,22 @@ def make_accelerator(dist: DistConfig, mixed_precision: str) -> Accelerator:
     if world > 1 and accelerator.num_processes != world:
         raise QloraError(f"the launcher started {world} processes but accelerate joined {accelerator.num_processes}; "
                          "launch with torchrun or accelerate launch (docs/distributed.md)")
+    if world > 1:
+        _end_process_group_at_exit()
     return accelerator
+
+
+@functools.cache
+def _end_process_group_at_exit() -> None:
+    """Destroy the process group when the interpreter exits, while it is still whole. Left to finalization, gloo's
+    worker threads can outlive the interpreter and the process dies of SIGABRT after its run ended ("terminate called
+    without an active exception"; seen once under parallel test load, and the cause pytorch/pytorch#179291 names)."""
+
+    def end() -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    atexit.register(end)
 
 
 def same_output_dir(config: Config, accelerator: Accelerator) -> Config:
