@@ -288,6 +288,14 @@ def validate_export(cmd: ExportCommand) -> None:
         problems.append(f"export.max_kl must be > 0 (got {options.max_kl})")
     if options.format != ExportFormat.gguf and options.gguf_type != GGUFType.auto:
         problems.append(f"export.gguf_type applies to export.format=gguf (got format={options.format.value})")
+    if options.gguf_type.k_quant and importlib.util.find_spec("auto_round") is None:
+        problems.append(f"export.gguf_type={options.gguf_type.value} is a K-quant, packed by auto-round, which is "
+                        "not installed; pip install 'qlora[quantize]' (or choose q4_0, q5_0 or q8_0)")
+    if options.calibration not in ("run_data", "none") and not Path(options.calibration).expanduser().is_file():
+        problems.append(f"export.calibration={options.calibration}: no such file; give run_data, none or the path of "
+                        "a data file in the run's data.format")
+    if options.calibration_samples <= 0:
+        problems.append(f"export.calibration_samples must be > 0 (got {options.calibration_samples})")
     if options.format == ExportFormat.adapter and options.merge == MergeMode.original:
         problems.append("export.merge applies to merged exports; export.format=adapter writes the adapter unmerged")
     try:

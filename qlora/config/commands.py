@@ -27,11 +27,27 @@ class MergeMode(str, Enum):
 
 
 class GGUFType(str, Enum):
+    """A GGUF file type, named as llama.cpp's llama-quantize names them (docs/export.md has each one's mix)."""
+
     auto = "auto"
     f32 = "f32"
     f16 = "f16"
     bf16 = "bf16"
     q8_0 = "q8_0"
+    q5_1 = "q5_1"
+    q5_0 = "q5_0"
+    q4_1 = "q4_1"
+    q4_0 = "q4_0"
+    q6_k = "q6_k"
+    q5_k_m = "q5_k_m"
+    q5_k_s = "q5_k_s"
+    q4_k_m = "q4_k_m"
+    q4_k_s = "q4_k_s"
+
+    @property
+    def k_quant(self) -> bool:
+        """Packed by auto-round (the `quantize` extra), and calibrated."""
+        return self.value.startswith(("q4_k", "q5_k", "q6_k"))
 
 
 @dataclass
@@ -46,7 +62,14 @@ class ExportConfig:
     dtype: DType = DType.bfloat16
     """Dtype of the merged weights: bfloat16, float16 or float32."""
     gguf_type: GGUFType = GGUFType.auto
-    """GGUF tensor type of the weight matrices: f32, f16, bf16, q8_0 (8-bit blocks); auto follows export.dtype."""
+    """GGUF file type: f32, f16, bf16, q8_0 (8-bit blocks); q5_1, q5_0, q4_1, q4_0 (the gguf package's 5- and
+    4-bit blocks); the K-quant mixes q6_k, q5_k_m, q5_k_s, q4_k_m (the usual 4-bit download), q4_k_s, which need
+    pip install 'qlora[quantize]'. Each tensor gets llama.cpp's type for it in that mix; auto follows export.dtype."""
+    calibration: str = "run_data"
+    """What the K-quants are calibrated on: run_data (sequences of the run's training data, not the held-out ones
+    the export is measured on), none (plain round-to-nearest), or a data file in the run's data.format."""
+    calibration_samples: int = 128
+    """Sequences the importance matrix is computed from (each up to the run's train.seq_len tokens)."""
     max_shard_size: str = "5GB"
     """Largest safetensors file of an hf export (KB / MB / GB, or KiB / MiB / GiB); also bounds the memory the
     merge holds at once."""

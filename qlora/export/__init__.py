@@ -68,6 +68,8 @@ class Verification:
     """For each comparison, its two sides in words."""
     errors: list[str] = field(default_factory=list)
     """Checks that could not even run (the export does not load); each one fails verification."""
+    file: dict = field(default_factory=dict)
+    """What a GGUF file holds: its type, each tensor type's count, what it was calibrated on."""
 
     def check(self, name: str, comparison: Comparison, compared: str) -> None:
         self.checks[name] = comparison
@@ -86,7 +88,8 @@ class Verification:
     def to_json(self) -> dict:
         return {"probe": self.probe, "rule": RULE, "max_kl": self.max_kl, "passed": not self.failed,
                 "failures": self.failed, "checks": {k: v.row() for k, v in self.checks.items()},
-                "drift": {k: v.row() for k, v in self.drift.items()}, "compared": self.compared}
+                "drift": {k: v.row() for k, v in self.drift.items()}, "compared": self.compared,
+                **({"file": self.file} if self.file else {})}
 
 
 RULE = ("each check compares the export with the model it claims to be, rounded as the export stores it (every "
@@ -156,7 +159,8 @@ def export(cmd: ExportCommand) -> ExportResult:
         if merges:
             assert reference is not None
             _check_merged(hf_dir, run, options, sample, as_trained, reference, verification, device,
-                          gguf=(staging, out.name) if options.format == ExportFormat.gguf else None)
+                          gguf=(staging, out.name) if options.format == ExportFormat.gguf else None,
+                          tokenizer=tokenizer)
         _write_card(run, cmd, verification, staging, tokenizer)
         return _finish(staging, out, cmd.overwrite, verification)
     except BaseException as e:
@@ -166,10 +170,6 @@ def export(cmd: ExportCommand) -> ExportResult:
                              f"{out.parent} and the run is unchanged. free disk space or choose another output_dir, "
                              "then export again") from e
         raise
-
-
-_GGUF_BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}
-"""What a GGUF file stores per weight of each type (q8_0: 32 int8 values and an f16 scale per block)."""
 
 
 def _export_bytes(trained, run: TrainedRun, options: ExportConfig) -> int:
@@ -184,8 +184,9 @@ def _export_bytes(trained, run: TrainedRun, options: ExportConfig) -> int:
             weights += math.prod(state.shape) if state is not None else param.numel()
     merged = weights * TORCH_DTYPES[options.dtype].itemsize
     if options.format == ExportFormat.gguf:
-        tensor_type = _GGUF_FOR_DTYPE[options.dtype] if options.gguf_type == GGUFType.auto else options.gguf_type.value
-        merged += int(weights * _GGUF_BYTES_PER_WEIGHT[tensor_type])
+        from qlora.export.gguf_types import bytes_per_weight
+
+        merged += int(weights * bytes_per_weight(_gguf_type(options)))
     return merged + 2**20  # the tokenizer, config and card
 
 
@@ -299,7 +300,7 @@ def _load_original_with_adapter(run: TrainedRun, device: torch.device):
 
 def _check_merged(hf_dir: Path, run: TrainedRun, options: ExportConfig, sample: Probe,
                   as_trained: list[torch.Tensor], reference: list[torch.Tensor], verification: Verification,
-                  device: torch.device, gguf: tuple[Path, str] | None) -> None:
+                  device: torch.device, gguf: tuple[Path, str] | None, tokenizer=None) -> None:
     """Load the merged folder with plain transformers in float32 (an exact upcast of what it stores) and compare
     it, computing in float32, with the rounded reference; then, for `gguf=(staging, name)`, the GGUF file."""
     from transformers import AutoModelForCausalLM
@@ -335,50 +336,146 @@ def _check_merged(hf_dir: Path, run: TrainedRun, options: ExportConfig, sample: 
     if gguf is None or verification.failed:
         return
     staging, name = gguf
-    path = _write_gguf(hf_dir, staging, name, options)
-    rounded = _as_stored_in_gguf(model, path, hf_dir, sample, verification)
+    importance = _importance(model, run, options, tokenizer, verification)
+    path = _write_gguf(hf_dir, staging, name, options, importance, verification)
+    rounded = _as_stored_in_gguf(model, path, hf_dir, sample, verification, importance)
     del model  # one model at a time: the file is read back next
     _free(device)
     if rounded is None:
         return
-    gguf_model, _ = load_gguf_model(path)
+    gguf_model, gguf_tokenizer = load_gguf_model(path)
     read_back = logits_of(gguf_model, sample)
     del gguf_model
+    _check_gguf_tokenizer(path, tokenizer, gguf_tokenizer, sample, verification)
     verification.check("gguf_vs_rounded_merged", compare(rounded, read_back, sample),
                        "the GGUF file read back by transformers vs the merged export with each tensor rounded to the "
                        f"type the file stores it in ({path.name}), both in float32")
     verification.report("gguf_vs_trained", compare(as_trained, read_back, sample),
                         "the trained model vs the GGUF file read back")
     shutil.copy2(hf_dir / "generation_config.json", staging / "generation_config.json")
+    _write_modelfile(staging, path.name, tokenizer, hf_dir)
     shutil.rmtree(hf_dir)
 
 
-def _write_gguf(hf_dir: Path, staging: Path, name: str, options: ExportConfig) -> Path:
+def _gguf_type(options: ExportConfig) -> str:
+    return _GGUF_FOR_DTYPE[options.dtype] if options.gguf_type == GGUFType.auto else options.gguf_type.value
+
+
+def _importance(model, run: TrainedRun, options: ExportConfig, tokenizer,
+                verification: Verification) -> dict[str, torch.Tensor] | None:
+    """The merged model's importance matrix for a K-quant file (export.calibration), by checkpoint weight name;
+    None for the types that take none, or export.calibration=none."""
+    from qlora.export.calibration import calibration_text, importance_matrix
+
+    if not options.gguf_type.k_quant:
+        if options.calibration != "run_data":
+            log.info("export.calibration=%s is not used: %s is rounded to nearest, without an importance matrix",
+                     options.calibration, _gguf_type(options))
+        verification.file["calibration"] = "none (round-to-nearest)"
+        return None
+    calibration = calibration_text(run.config, tokenizer, options)
+    if calibration is None:
+        verification.file["calibration"] = "none (export.calibration=none)"
+        return None
+    verification.file["calibration"] = calibration.source
+    t0 = time.perf_counter()
+    importance = importance_matrix(model, calibration)
+    verification.file["calibration_seconds"] = round(time.perf_counter() - t0, 1)
+    if getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" in importance:
+        # the file stores the tied head once, as the token embedding: its input is what the head multiplies
+        importance["model.embed_tokens.weight"] = importance.pop("lm_head.weight")
+    return importance
+
+
+def _write_gguf(hf_dir: Path, staging: Path, name: str, options: ExportConfig,
+                importance: dict[str, torch.Tensor] | None, verification: Verification) -> Path:
+    from collections import Counter
+
     from qlora.export.gguf_file import write_gguf
 
-    tensor_type = _GGUF_FOR_DTYPE[options.dtype] if options.gguf_type == GGUFType.auto else options.gguf_type.value
-    path = staging / f"{name}-{tensor_type}.gguf"
+    file_type = _gguf_type(options)
+    path = staging / f"{name}-{file_type}.gguf"
     t0 = time.perf_counter()
-    write_gguf(hf_dir, path, tensor_type, name=name)
+    types = write_gguf(hf_dir, path, file_type, name=name, importance=importance)
+    weights = sum(math.prod(shape) for shape in _shapes(hf_dir).values())
+    verification.file.update(type=file_type, file=path.name, bytes=path.stat().st_size,
+                             bits_per_weight=round(8 * path.stat().st_size / weights, 3),
+                             write_seconds=round(time.perf_counter() - t0, 1),
+                             tensor_types=dict(Counter(t.name for t in types.values()).most_common()))
     log.info("wrote %s (%.1f MiB) in %.1fs", path.name, path.stat().st_size / 2**20, time.perf_counter() - t0)
     return path
 
 
-def _as_stored_in_gguf(model, path: Path, hf_dir: Path, sample: Probe,
-                       verification: Verification) -> list[torch.Tensor] | None:
+def _shapes(hf_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape in the merged folder, read from the safetensors headers."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for shard in sorted(hf_dir.glob("*.safetensors")):
+        with safe_open(shard, framework="pt") as f:
+            shapes |= {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    return shapes
+
+
+def _write_modelfile(staging: Path, gguf_name: str, tokenizer, hf_dir: Path) -> None:
+    """An Ollama Modelfile beside the GGUF file (qlora/export/modelfile.py)."""
+    from transformers import GenerationConfig
+
+    from qlora.export.modelfile import modelfile
+
+    text = modelfile(gguf_name, tokenizer, GenerationConfig.from_pretrained(str(hf_dir)))
+    (staging / "Modelfile").write_text(text)
+
+
+def _as_stored_in_gguf(model, path: Path, hf_dir: Path, sample: Probe, verification: Verification,
+                       importance: dict[str, torch.Tensor] | None) -> list[torch.Tensor] | None:
     """The logits, in float32, of the merged HF `model` with each tensor rounded to the type the GGUF file at
-    `path` stores it in (read from the file itself); None, with an error recorded, if the file lacks a tensor."""
-    from qlora.export.gguf_file import stored_types, stored_values
+    `path` stores it in (read from the file itself), by the importance matrix it was written with; None, with an
+    error recorded, if the file lacks a tensor."""
+    from qlora.export.gguf_file import stored_types
+    from qlora.export.gguf_types import stored_values
 
     types = stored_types(path, hf_dir)
     missing = [key for key, _ in model.named_parameters() if key not in types]
     if missing:
         verification.errors.append(f"the GGUF file holds no tensor for {', '.join(missing[:5])}")
         return None
+    importance = importance or {}
     with torch.no_grad():
         for key, param in model.named_parameters():
-            param.data = stored_values(param.data.cpu(), types[key]).to(param.device)
+            param.data = stored_values(param.data.cpu(), types[key], importance.get(key)).to(param.device)
     return logits_of(model, sample)
+
+
+def _check_gguf_tokenizer(path: Path, tokenizer, read_back, sample: Probe, verification: Verification) -> None:
+    """The file prompts and stops as the HF tokenizer does: the same chat template, special-token ids and
+    spellings, and the tokenizer transformers builds from the file encodes the probe text to the same ids."""
+    import gguf
+
+    keys = gguf.Keys.Tokenizer
+    fields = gguf.GGUFReader(path).fields
+    tokens = fields[keys.LIST]
+
+    def scalar(key: str):
+        return fields[key].contents() if key in fields else None
+
+    wrong = []
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
+    if template is not None and scalar(keys.CHAT_TEMPLATE) != template:
+        wrong.append("its chat template differs from the tokenizer's")
+    for role, key in (("bos", keys.BOS_ID), ("eos", keys.EOS_ID), ("pad", keys.PAD_ID)):
+        token_id, token = getattr(tokenizer, f"{role}_token_id"), getattr(tokenizer, f"{role}_token")
+        stored = scalar(key)
+        if token_id is not None and (stored != token_id or tokens.contents(token_id) != token):
+            wrong.append(f"its {role} token is id {stored}, not {token_id} ({token!r})")
+    for ids in sample.sequences:
+        text = tokenizer.decode(ids, skip_special_tokens=False)
+        if read_back(text, add_special_tokens=False)["input_ids"] != tokenizer(text, add_special_tokens=False)[
+                "input_ids"]:
+            wrong.append("the tokenizer read from it encodes the probe text to other ids")
+            break
+    if wrong:
+        verification.errors.append(f"the GGUF file's tokenizer is not the run's: {'; '.join(wrong)}")
 
 
 def _write_adapter(run: TrainedRun, tokenizer, folder: Path) -> None:

@@ -24,22 +24,13 @@ from gguf import GGMLQuantizationType as QType
 from gguf import TokenType
 
 from qlora.errors import QloraError
+from qlora.export.gguf_types import FILE_TYPES, GGUF_TYPES, describe, encode, tensor_type
 from qlora.files import fsync_dir
 
 log = logging.getLogger(__name__)
 
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
-
 # Hugging Face model_type -> GGUF architecture. Mistral's weights and maths are Llama's; llama.cpp runs it as one.
 _ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "mistral": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
-
-# storage type of 2-D weights, and the general.file_type that announces it
-_MATRIX_TYPES = {
-    "f32": (QType.F32, gguf.LlamaFileType.ALL_F32),
-    "f16": (QType.F16, gguf.LlamaFileType.MOSTLY_F16),
-    "bf16": (QType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
-    "q8_0": (QType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
-}
 
 # Pre-tokenizer split regexes llama.cpp has built in, as they appear in the models' tokenizer.json, keyed by the
 # tokenizer.ggml.pre name llama.cpp knows them by. They differ only in how digits are grouped.
@@ -54,7 +45,6 @@ _QWEN2_SPLIT = (
 _SPLIT_NAMES = {_LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2"}
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
-_Q8_ROWS_PER_CHUNK = 4096  # bounds the float32 copy q8_0 quantization needs to a few hundred MB
 
 
 @dataclass
@@ -87,33 +77,38 @@ class _Tensor:
         return int(np.prod(self.shape)) // block * block_bytes
 
 
-def write_gguf(hf_dir: Path, out_file: Path, tensor_type: str, *, name: str | None = None) -> None:
+def write_gguf(hf_dir: Path, out_file: Path, file_type: str, *, name: str | None = None,
+               importance: dict[str, torch.Tensor] | None = None) -> dict[str, QType]:
     """Convert a merged, unquantized Hugging Face model folder into one GGUF file for llama.cpp-family runtimes.
 
     The folder is what `save_pretrained` writes: config.json, safetensors weights (one file or shards with
-    model.safetensors.index.json) and the tokenizer (tokenizer.json, tokenizer_config.json). `tensor_type` is one
-    of GGUF_TYPES and applies to 2-D weight matrices; norms and biases stay float32, and under q8_0 a matrix whose
-    rows are not a multiple of 32 long is stored as f16. `name` becomes general.name (default: the folder's name).
+    model.safetensors.index.json) and the tokenizer (tokenizer.json, tokenizer_config.json). `file_type` is one
+    of GGUF_TYPES, and each tensor gets the type llama.cpp's mix for it gives (qlora.export.gguf_types). `name`
+    becomes general.name (default: the folder's name). `importance` maps a checkpoint weight's name to its
+    importance matrix (one weight per column), which the K-quants round by.
+
+    Returns the storage type of each checkpoint tensor written, by its checkpoint name.
 
     Tensors are read and written one at a time, so memory is about three times the largest tensor (usually the
     embedding: ~2 GB in bf16 for a 70B Llama 3), never the whole model. The file appears at `out_file` only when
     complete; on any error nothing is left behind.
 
     Raises:
-        QloraError: unknown tensor_type, an architecture or tokenizer GGUF cannot hold, or a checkpoint tensor
+        QloraError: unknown file_type, an architecture or tokenizer GGUF cannot hold, or a checkpoint tensor
             with no GGUF name.
     """
-    if tensor_type not in _MATRIX_TYPES:
-        raise QloraError(f"unknown GGUF tensor type {tensor_type!r}; choose one of {', '.join(GGUF_TYPES)}")
+    if file_type not in FILE_TYPES:
+        raise QloraError(f"unknown GGUF type {file_type!r}; choose one of {', '.join(GGUF_TYPES)}")
     hf_dir, out_file = Path(hf_dir), Path(out_file)
     config = _read_config(hf_dir)
     arch = _ARCHS[config.model_type]
-    tensors = _plan_tensors(hf_dir, config, arch, tensor_type)
+    tensors = _plan_tensors(hf_dir, config, arch, file_type)
+    importance = importance or {}
     vocab, tokenizer = _read_vocab(hf_dir, config.vocab_size)
 
     # header, metadata and tensor table first, then the data tensor by tensor (GGUFWriter's streaming mode)
     writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[arch])
-    _add_model_metadata(writer, config, name or hf_dir.name, _MATRIX_TYPES[tensor_type][1])
+    _add_model_metadata(writer, config, name or hf_dir.name, FILE_TYPES[file_type][1])
     _add_tokenizer_metadata(writer, vocab, tokenizer)
     for tensor in tensors:
         # the dtype argument is unused when raw_dtype is given; the shape is the unquantized one
@@ -130,7 +125,8 @@ def write_gguf(hf_dir: Path, out_file: Path, tensor_type: str, *, name: str | No
         with ExitStack() as stack:
             shards: dict[Path, object] = {}
             for tensor in tensors:
-                writer.write_tensor_data(_encode(_source_data(tensor, config, shards, stack), tensor.qtype))
+                data = _source_data(tensor, config, shards, stack)
+                writer.write_tensor_data(encode(data, tensor.qtype, importance.get(tensor.source)))
         writer.flush()
         os.fsync(writer.fout[0].fileno())
         writer.close()
@@ -140,7 +136,9 @@ def write_gguf(hf_dir: Path, out_file: Path, tensor_type: str, *, name: str | No
         staging.unlink(missing_ok=True)
         raise
     fsync_dir(out_file.parent)
-    log.info("wrote %s: %d tensors, %s, %.1f MB", out_file, len(tensors), tensor_type, out_file.stat().st_size / 1e6)
+    log.info("wrote %s: %s (%s), %.1f MB", out_file, file_type, describe([t.qtype for t in tensors]),
+             out_file.stat().st_size / 1e6)
+    return {t.source: t.qtype for t in tensors if t.source is not None}
 
 
 def load_gguf_model(gguf_path: Path, dtype: torch.dtype = torch.float32):
@@ -366,11 +364,12 @@ def _shards(hf_dir: Path) -> list[Path]:
     return shards
 
 
-def _plan_tensors(hf_dir: Path, config, arch: gguf.MODEL_ARCH, tensor_type: str) -> list[_Tensor]:
+def _plan_tensors(hf_dir: Path, config, arch: gguf.MODEL_ARCH, file_type: str) -> list[_Tensor]:
     """Every output tensor with its GGUF name, shape and storage type, read from the shard headers only."""
     from safetensors import safe_open
 
     gguf_name = _name_map(config, arch)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
     heads = {gguf.MODEL_TENSOR.ATTN_Q: config.num_attention_heads,
              gguf.MODEL_TENSOR.ATTN_K: config.num_key_value_heads or config.num_attention_heads}
     tensors, unknown = [], []
@@ -385,14 +384,15 @@ def _plan_tensors(hf_dir: Path, config, arch: gguf.MODEL_ARCH, tensor_type: str)
                     continue
                 kind, name = found
                 shape = tuple(f.get_slice(key).get_shape())
-                tensors.append(_Tensor(name, shape, _storage(shape, tensor_type), key, shard,
+                qtype = tensor_type(file_type, name, shape, config.num_hidden_layers, tied)
+                tensors.append(_Tensor(name, shape, qtype, key, shard,
                                        heads.get(kind) if arch == gguf.MODEL_ARCH.LLAMA else None))
     if unknown:
         raise QloraError(
             f"checkpoint tensor(s) {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''} have no GGUF name "
             f"for model_type {config.model_type}; set export.format=hf to export a Hugging Face folder instead"
         )
-    if not getattr(config, "tie_word_embeddings", False) and not any(t.name == "output.weight" for t in tensors):
+    if not tied and not any(t.name == "output.weight" for t in tensors):
         raise QloraError(f"{hf_dir} has no lm_head.weight and config.json says the embeddings are not tied")
     _, rope = _rope(config)
     if rope["rope_type"] == "llama3":
@@ -451,34 +451,6 @@ def stored_types(gguf_path: Path, hf_dir: Path) -> dict[str, QType]:
     return types
 
 
-def stored_values(data: torch.Tensor, qtype: QType) -> torch.Tensor:
-    """`data` as a reader gets it back, in float32, from a GGUF tensor of type `qtype` (f32, f16, bf16, q8_0).
-
-    q8_0 blocks run along rows, so rounding rows in the checkpoint's order equals rounding them in llama.cpp's
-    permuted q/k order and permuting back."""
-    if qtype == QType.Q8_0:
-        rows = data.reshape(-1, data.shape[-1])
-        out = torch.empty(rows.shape, dtype=torch.float32)
-        for start in range(0, rows.shape[0], _Q8_ROWS_PER_CHUNK):
-            chunk = rows[start:start + _Q8_ROWS_PER_CHUNK].to(torch.float32).numpy()
-            blocks = gguf.quants.quantize(chunk, qtype)
-            out[start:start + _Q8_ROWS_PER_CHUNK] = torch.from_numpy(gguf.quants.dequantize(blocks, qtype))
-        return out.reshape(data.shape)
-    dtypes = {QType.F32: torch.float32, QType.F16: torch.float16, QType.BF16: torch.bfloat16}
-    if qtype not in dtypes:
-        raise QloraError(f"GGUF tensor type {qtype.name} is not one this export writes ({', '.join(GGUF_TYPES)})")
-    return data.to(dtypes[qtype]).to(torch.float32)
-
-
-def _storage(shape: tuple[int, ...], tensor_type: str) -> QType:
-    """llama.cpp's choice: vectors (norms, biases) in float32, matrices in the requested type."""
-    if len(shape) < 2:
-        return QType.F32
-    qtype = _MATRIX_TYPES[tensor_type][0]
-    block, _ = gguf.GGML_QUANT_SIZES[qtype]
-    return qtype if shape[-1] % block == 0 else QType.F16
-
-
 def _file_order(tensor: _Tensor) -> tuple[int, str]:
     """Global tensors first, then block by block in numeric order (blk.2 before blk.10)."""
     match = re.match(r"blk\.(\d+)\.", tensor.name)
@@ -518,19 +490,3 @@ def _llama3_rope_freqs(config) -> torch.Tensor:
     unscaled = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
     return (unscaled / scaled.to(torch.float64)).to(torch.float32)
-
-
-def _encode(data: torch.Tensor, qtype: QType) -> np.ndarray:
-    """The bytes of `data` in storage type `qtype`, as the array GGUFWriter writes."""
-    if qtype == QType.F32:
-        return data.to(torch.float32).numpy()
-    if qtype == QType.F16:
-        return data.to(torch.float16).numpy()
-    if qtype == QType.BF16:  # numpy has no bfloat16: the (round-to-nearest-even) bits travel as int16
-        return data.to(torch.bfloat16).view(torch.int16).numpy()
-    rows = data.reshape(-1, data.shape[-1])
-    out = np.empty(gguf.quants.quant_shape_to_byte_shape(rows.shape, qtype), dtype=np.uint8)
-    for start in range(0, rows.shape[0], _Q8_ROWS_PER_CHUNK):
-        chunk = rows[start:start + _Q8_ROWS_PER_CHUNK].to(torch.float32).numpy()
-        out[start:start + _Q8_ROWS_PER_CHUNK] = gguf.quants.quantize(chunk, qtype)
-    return out

@@ -178,20 +178,28 @@ def test_sharded_export_holds_the_same_tensors(trained):
         assert torch.equal(joined[key], whole[key]), key
 
 
-@pytest.mark.parametrize("tensor_type", ["f32", "q8_0"])
+@pytest.mark.parametrize("tensor_type", ["f32", "q8_0", "q4_k_m"])
 def test_gguf_export_reads_back_like_the_hf_export(trained, tensor_type):
     from qlora.export.gguf_file import load_gguf_model
 
     dtype = "float32" if tensor_type == "f32" else "bfloat16"
+    # q4_k_m calibrated on a data file given by path (here the run's own): ffn_down's rows of 256 are K-quants
+    data = read_trained(trained[1].output_dir).config.data.path
+    calibration = [f"export.calibration={data}"] if tensor_type == "q4_k_m" else []
     exported = _export(trained, f"gguf-{tensor_type}", "export.format=gguf", f"export.dtype={dtype}",
-                       f"export.gguf_type={tensor_type}", "export.compare_original=false")
+                       f"export.gguf_type={tensor_type}", "export.compare_original=false", *calibration)
+    file = exported.verification.file
+    assert file["type"] == tensor_type and file["bytes"] == (exported.output_dir / file["file"]).stat().st_size
+    if tensor_type == "q4_k_m":
+        assert {"Q4_K", "Q6_K"} <= file["tensor_types"].keys()
+        assert file["calibration"].endswith(f"of the calibration file ({data})")
     gguf_files = list(exported.output_dir.glob("*.gguf"))
     assert [f.name for f in gguf_files] == [f"gguf-{tensor_type}-{tensor_type}.gguf"]
     assert not (exported.output_dir / ".hf").exists()
     check = exported.verification.checks["gguf_vs_rounded_merged"]
     assert check.mean_kl < 1e-12  # the read-back equals the HF export rounded tensor by tensor as the file stores it
-    if tensor_type == "q8_0":
-        assert exported.verification.drift["gguf_vs_trained"].mean_kl > 1e-8  # q8_0 does round
+    if tensor_type != "f32":
+        assert exported.verification.drift["gguf_vs_trained"].mean_kl > 1e-8  # q8_0 and q4_k_m do round
     if tensor_type == "f32":  # independently: transformers' GGUF loader against a float32 HF export
         hf = _export(trained, "hf-for-gguf", "export.dtype=float32", "export.compare_original=false").output_dir
         model, tokenizer = load_gguf_model(gguf_files[0])
@@ -247,7 +255,10 @@ def _scale_updates(monkeypatch, factor: float) -> None:
     monkeypatch.setattr(merge, "_merged", scaled)
 
 
-def test_a_wrong_gguf_fails(trained, monkeypatch):
+@pytest.mark.parametrize("tensor_type", ["q8_0", "q4_k_m"])
+def test_a_wrong_gguf_fails(trained, monkeypatch, tensor_type):
+    """A writer fault fails the file's own check, for an 8-bit and a calibrated 4-bit file alike; a wrong merge
+    fails before any file is written (the merged folder's check)."""
     import dataclasses
 
     from qlora.export import gguf_file
@@ -268,11 +279,18 @@ def test_a_wrong_gguf_fails(trained, monkeypatch):
         with monkeypatch.context() as patch:
             patch.setattr(gguf_file, attribute, replacement)
             with pytest.raises(QloraError, match="gguf_vs_rounded_merged"):
-                _export(trained, f"wrong-gguf-{fault}", "export.format=gguf", "export.gguf_type=q8_0",
-                        "export.compare_original=false")
-        saved = json.loads((root / f"wrong-gguf-{fault}.unverified" / "verification.json").read_text())
+                _export(trained, f"wrong-gguf-{tensor_type}-{fault}", "export.format=gguf",
+                        f"export.gguf_type={tensor_type}", "export.compare_original=false")
+        saved = json.loads((root / f"wrong-gguf-{tensor_type}-{fault}.unverified" / "verification.json").read_text())
         assert saved["checks"]["gguf_vs_rounded_merged"]["mean_kl"] > 10 * saved["max_kl"], fault
     assert real_interleave is gguf_file._interleave_rotary_halves
+    _scale_updates(monkeypatch, 0.9)
+    with pytest.raises(QloraError, match="merged_vs_rounded_trained"):
+        _export(trained, f"wrong-gguf-{tensor_type}-merge", "export.format=gguf", f"export.gguf_type={tensor_type}",
+                "export.compare_original=false")
+    saved = json.loads((root / f"wrong-gguf-{tensor_type}-merge.unverified" / "verification.json").read_text())
+    assert "gguf_vs_rounded_merged" not in saved["checks"] and not list(
+        (root / f"wrong-gguf-{tensor_type}-merge.unverified").glob("*.gguf"))
 
 
 def test_cli_export_and_generate(trained, tmp_path):
@@ -307,6 +325,11 @@ def test_bad_inputs_fail_with_one_line_and_write_nothing(trained, tmp_path):
         ([f"run_dir={result.output_dir}", "export.format=zip"], "expected one of [hf, gguf, adapter]"),
         ([f"run_dir={result.output_dir}", "export.gguf_type=q8_0"], "applies to export.format=gguf"),
         ([f"run_dir={result.output_dir}", "export.max_shard_size=lots"], "is not a size"),
+        ([f"run_dir={result.output_dir}", "export.format=gguf", f"export.calibration={tmp_path / 'none.jsonl'}"],
+         "export.calibration=" + str(tmp_path / "none.jsonl") + ": no such file"),
+        ([f"run_dir={result.output_dir}", "export.calibration_samples=0"], "export.calibration_samples must be > 0"),
+        ([f"run_dir={result.output_dir}", "export.format=gguf", "export.gguf_type=q4_km"],
+         "expected one of [auto, f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s]"),
         ([f"run_dir={result.output_dir}", "export.colour=red"], "unknown config key 'export.colour'"),
     ]
     for args, message in cases:

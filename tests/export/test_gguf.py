@@ -19,8 +19,9 @@ from qlora.config import ScratchArchitecture, ScratchModelConfig, ScratchTokeniz
 from qlora.data import CHAT_TEMPLATES
 from qlora.demo import build_demo_tokenizer, demo_records, ensure_scratch_model, write_demo_dataset
 from qlora.errors import QloraError
-from qlora.export import gguf_file
-from qlora.export.gguf_file import GGUF_TYPES, load_gguf_model, write_gguf
+from qlora.export import gguf_file, gguf_types
+from qlora.export.gguf_file import load_gguf_model, write_gguf
+from qlora.export.gguf_types import GGUF_TYPES, stored_values
 
 pytestmark = pytest.mark.slow  # every test exports tiny models to GGUF and loads them back
 
@@ -167,7 +168,10 @@ def test_metadata(exported, model, arch, n_tensors, tensor_type):
     fields, tensors = _fields(path)
     assert fields["general.architecture"] == arch
     assert fields["general.name"] == {"tied": "qwen2-tied"}.get(model, model)  # the folder's name
-    assert fields["general.file_type"] == {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7}[tensor_type]
+    # llama.h's llama_ftype numbers
+    assert fields["general.file_type"] == {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9,
+                                           "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18,
+                                           "bf16": 32}[tensor_type]
     assert fields[f"{arch}.block_count"] == 2
     assert fields[f"{arch}.attention.head_count"] == 4
     assert fields[f"{arch}.attention.head_count_kv"] == 2
@@ -184,12 +188,23 @@ def test_metadata(exported, model, arch, n_tensors, tensor_type):
     assert fields["tokenizer.chat_template"] == CHAT_TEMPLATES["chatml"]
     assert fields["GGUF.tensor_count"] == len(tensors) == n_tensors
     assert ("output.weight" in tensors) == (model != "tied")
-    expected = {"f32": QType.F32, "f16": QType.F16, "bf16": QType.BF16, "q8_0": QType.Q8_0}[tensor_type]
+    # rows of 64 and 128 hold no 256-value K-quant block: llama.cpp's fallbacks (Q4_K -> Q5_0, Q5_K -> Q5_1,
+    # Q6_K -> Q8_0); the output head is Q8_0 in every quantized file, and rows of 112 hold no 32-block: f16
+    expected = {"f32": QType.F32, "f16": QType.F16, "bf16": QType.BF16, "q8_0": QType.Q8_0, "q5_1": QType.Q5_1,
+                "q5_0": QType.Q5_0, "q4_1": QType.Q4_1, "q4_0": QType.Q4_0, "q6_k": QType.Q8_0, "q5_k_m": QType.Q5_1,
+                "q5_k_s": QType.Q5_1, "q4_k_m": QType.Q5_0, "q4_k_s": QType.Q5_0}[tensor_type]
+    quantized = expected not in (QType.F32, QType.F16, QType.BF16)
     for name, tensor in tensors.items():
         if len(tensor.shape) == 1:
             assert tensor.tensor_type == QType.F32, name
-        elif model == "tied" and tensor_type == "q8_0" and "ffn_down" in name:  # rows of 112: no q8_0 blocks
+        elif model == "tied" and quantized and "ffn_down" in name:
             assert tensor.tensor_type == QType.F16, name
+        elif quantized and (name == "output.weight" or (model == "tied" and name == "token_embd.weight")):
+            assert tensor.tensor_type == QType.Q8_0, name
+        elif tensor_type in ("q4_k_m", "q5_k_m") and name in ("blk.1.attn_v.weight", "blk.1.ffn_down.weight"):
+            assert tensor.tensor_type == QType.Q8_0, name  # Q6_K in the last eighth of 2 layers, as Q8_0
+        elif tensor_type == "q4_k_s" and name.endswith("attn_v.weight"):
+            assert tensor.tensor_type == QType.Q5_1, name  # Q5_K in the first 4 layers, as Q5_1
         else:
             assert tensor.tensor_type == expected, name
 
@@ -357,14 +372,14 @@ def test_failure_mid_write_leaves_the_old_file(folders, tmp_path, monkeypatch):
     out.write_bytes(b"previous export")
     calls = []
 
-    def fail_on_third(data, qtype):
+    def fail_on_third(data, qtype, importance=None):
         calls.append(qtype)
         if len(calls) == 3:
             raise OSError("disk full")
-        return real(data, qtype)
+        return real(data, qtype, importance)
 
-    real = gguf_file._encode
-    monkeypatch.setattr(gguf_file, "_encode", fail_on_third)
+    real = gguf_file.encode
+    monkeypatch.setattr(gguf_file, "encode", fail_on_third)
     with pytest.raises(OSError, match="disk full"):
         write_gguf(folders["llama"], out, "q8_0")
     assert out.read_bytes() == b"previous export"
@@ -372,7 +387,7 @@ def test_failure_mid_write_leaves_the_old_file(folders, tmp_path, monkeypatch):
 
 
 def test_q8_0_quantizes_in_row_chunks_without_changing_a_byte(folders, exported, tmp_path, monkeypatch):
-    monkeypatch.setattr(gguf_file, "_Q8_ROWS_PER_CHUNK", 7)  # no tensor here has a multiple of 7 rows
+    monkeypatch.setattr(gguf_types, "_ROWS_PER_CHUNK", 7)  # no tensor here has a multiple of 7 rows
     write_gguf(folders["llama"], tmp_path / "m.gguf", "q8_0")
     assert (tmp_path / "m.gguf").read_bytes() == exported("llama", "q8_0").read_bytes()
 
@@ -397,7 +412,7 @@ def test_stored_values_are_what_the_file_holds(folders, exported, tensor_type):
         heads = {"q_proj": 4, "k_proj": 2}.get(key.split(".")[-2])
         if heads:  # llama.cpp's rows (h, i, half) back to transformers' (h, half, i)
             data = data.reshape(heads, -1, 2, hf.shape[1]).transpose(1, 2).reshape(hf.shape)
-        assert torch.equal(gguf_file.stored_values(hf, types[key]), data), key
+        assert torch.equal(stored_values(hf, types[key]), data), key
 
 
 def test_q8_0_rounding_commutes_with_the_rotary_row_order():
@@ -408,7 +423,7 @@ def test_q8_0_rounding_commutes_with_the_rotary_row_order():
     blocks = torch.from_numpy(gguf.quants.quantize(weight.numpy(), QType.Q8_0))
     assert torch.equal(torch.from_numpy(gguf.quants.quantize(permuted.numpy(), QType.Q8_0)),
                        gguf_file._interleave_rotary_halves(blocks, 4))
-    torch.testing.assert_close(gguf_file.stored_values(permuted, QType.Q8_0),
-                               gguf_file._interleave_rotary_halves(gguf_file.stored_values(weight, QType.Q8_0), 4),
+    torch.testing.assert_close(stored_values(permuted, QType.Q8_0),
+                               gguf_file._interleave_rotary_halves(stored_values(weight, QType.Q8_0), 4),
                                rtol=0, atol=0)
-    assert not torch.equal(gguf_file.stored_values(weight, QType.Q8_0), weight)  # it does round
+    assert not torch.equal(stored_values(weight, QType.Q8_0), weight)  # it does round
